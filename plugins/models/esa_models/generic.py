@@ -1,0 +1,34 @@
+"""Any causal LM: every 2-D weight inside the blocks; the component guessed from common names."""
+
+from torch import nn
+
+from esa_core.api import ModelAdapter
+
+GUESSES = (
+    (("q_proj", "query", "wq", "q_lin"), "attn.q"),
+    (("k_proj", "key", "wk", "k_lin"), "attn.k"),
+    (("v_proj", "value", "wv", "v_lin"), "attn.v"),
+    (("o_proj", "out_proj", "dense", "wo", "attn.c_proj", "out_lin"), "attn.o"),
+    (("gate_proj", "w1"), "mlp.gate"),
+    (("up_proj", "fc1", "c_fc", "w3", "dense_h_to_4h", "fc_in"), "mlp.up"),
+    (("down_proj", "fc2", "mlp.c_proj", "w2", "dense_4h_to_h", "fc_out"), "mlp.down"),
+)
+
+
+class GenericAdapter(ModelAdapter):
+    """Fallback for any causal LM: 2-D weights in the blocks, component `other` when unsure."""
+
+    name = "generic"
+
+    def component_of(self, name: str, model: nn.Module) -> str | None:
+        match = self.layer_pattern.search(name)
+        if not match:
+            return self.outside_component(name, model)
+        stem = name.removesuffix(".weight")
+        if stem == name:
+            return None  # biases, norms' scales and other non-weight tensors
+        leaf = stem[match.end():]
+        for suffixes, component in GUESSES:
+            if any(leaf.endswith(s) for s in suffixes):
+                return component
+        return "other"

@@ -1,0 +1,320 @@
+"""The contracts a plugin implements: Metric, Perturbation, ModelAdapter.
+
+The engine owns forward, backward, hooks, accumulation, selection and restoring weights.
+A metric is only its formula, a perturbation only its rule, an adapter only its family's layout.
+Everything a plugin author needs to know is in the docstrings below.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from esa_core.errors import EsaError
+
+COMPONENTS = (
+    "attn.q", "attn.k", "attn.v", "attn.o",
+    "mlp.gate", "mlp.up", "mlp.down",
+    "moe.router", "moe.gate", "moe.up", "moe.down",
+    "embed", "lm_head", "other",
+)
+NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One plugin option, set with `--metric-arg name=value`."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+
+    def parse(self, owner: str, raw: Any) -> Any:
+        try:
+            value = self.type(raw)
+        except (TypeError, ValueError):
+            raise EsaError(
+                f"{owner} option '{self.name}' needs a {self.type.__name__}, got '{raw}'."
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            choices = ", ".join(map(str, self.choices))
+            raise EsaError(f"{owner} option '{self.name}' must be one of: {choices}.")
+        return value
+
+
+class Configurable:
+    """A plugin with a name, a one-line description (its docstring's first line) and options."""
+
+    name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, **values: Any) -> None:
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise EsaError(
+                f"{self.name} has no option '{unknown[0]}'. Valid options: {valid}."
+            )
+        self.settings: dict[str, Any] = {
+            name: opt.parse(self.name, values[name]) if name in values else opt.default
+            for name, opt in known.items()
+        }
+
+
+# --------------------------------------------------------------------------- metrics
+
+GRAD = "grad"
+HVP = "hvp"
+ACTIVATIONS = "activations"
+
+
+class Metric(Configurable):
+    """A sensitivity metric: how one calibration batch adds to each weight's score.
+
+    Declare in `needs` what the engine must produce for each batch:
+
+    - `GRAD`: dL/dW of the batch loss (mean next-token cross-entropy); `on_grad` runs as each
+      parameter's gradient is accumulated, after which the engine frees that gradient.
+    - `HVP`: Hessian-vector products H·z for Rademacher probes z (double backward); `on_hvp`
+      runs once per probe with the matching slices of z and H·z.
+    - `ACTIVATIONS`: the matrix's inputs X [tokens, in] and outputs Y [tokens, out]
+      (for an MoE expert only the tokens routed to it); `on_activations` runs per forward.
+    - nothing: a data-free metric; only `finalize` runs.
+
+    Every callback sees one 2-D weight matrix (an MoE expert's slice of a 3-D tensor is passed as
+    its own matrix) and the state `init_state` made for it. Keep the state small: at most one
+    accumulator of the weight's shape, never a copy of the gradient.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: Hessian-vector probes per batch (HVP metrics only).
+    probes: int = 1
+
+    def init_state(self, weight: torch.Tensor, dtype: torch.dtype) -> Any:
+        """A fresh accumulator for one matrix; by default zeros of the weight's shape."""
+        return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+    def on_grad(self, state: Any, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add one batch's gradient contribution to `state` in place."""
+        raise NotImplementedError
+
+    def on_hvp(self, state: Any, weight: torch.Tensor, hz: torch.Tensor, z: torch.Tensor) -> None:
+        """Add one probe's contribution (H·z and z, weight-shaped) to `state` in place."""
+        raise NotImplementedError
+
+    def on_activations(
+        self, state: Any, weight: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor
+    ) -> None:
+        """Add one forward's activations (inputs [tokens, in], outputs [tokens, out])."""
+        raise NotImplementedError
+
+    def finalize(self, state: Any, weight: torch.Tensor, num_batches: int) -> torch.Tensor:
+        """The score of every weight of the matrix (weight-shaped, higher = more sensitive)."""
+        return state / max(num_batches, 1)
+
+
+# --------------------------------------------------------------------------- perturbations
+
+
+class Perturbation(Configurable):
+    """A rule that changes selected weights in place, reproducibly from a seed.
+
+    The engine gathers the selected coordinates of one matrix, calls `perturb` with their current
+    values, writes the result back, evaluates, and restores the saved originals bit-exactly.
+    """
+
+    def perturb(
+        self,
+        values: torch.Tensor,
+        matrix: torch.Tensor,
+        generator: torch.Generator,
+        scale: float,
+        prob: float,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """New values for `values` (same shape and dtype) and facts worth recording.
+
+        `matrix` is the whole logical matrix (read-only), e.g. for its standard deviation.
+        """
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- model adapters
+
+
+@dataclass
+class LogicalMatrix:
+    """One logical weight matrix: a `per_layer` unit, a heatmap cell, a CSV `layer,component`.
+
+    `rows` lists the real rows of the parameter (or of `param[expert]`) that belong to this
+    matrix, for fused tensors such as Phi-3 `qkv_proj`; None means every row.
+    """
+
+    param: str
+    layer: int | None
+    component: str
+    expert: int | None = None
+    rows: torch.Tensor | None = None
+
+    @property
+    def key(self) -> str:
+        """A readable unique name, e.g. `layers.3.attn.q` or `layers.1.moe.up.expert5`."""
+        where = f"layers.{self.layer}." if self.layer is not None else ""
+        expert = f".expert{self.expert}" if self.expert is not None else ""
+        return f"{where}{self.component}{expert}"
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This matrix's part of a parameter-shaped tensor (a copy when rows are picked)."""
+        part = tensor[self.expert] if self.expert is not None else tensor
+        return part if self.rows is None else part.index_select(0, self.rows.to(part.device))
+
+    def real_row(self, local_row: torch.Tensor) -> torch.Tensor:
+        """Map rows of `view(...)` back to rows of the parameter."""
+        return local_row if self.rows is None else self.rows.to(local_row.device)[local_row]
+
+
+@dataclass
+class ScoredParam:
+    """A parameter the engine scores, the module that consumes it, and its logical matrices."""
+
+    name: str
+    param: nn.Parameter
+    module: nn.Module
+    matrices: list[LogicalMatrix] = field(default_factory=list)
+
+    @property
+    def experts(self) -> list[int | None]:
+        """Expert slices of a 3-D expert tensor, or [None] for a plain matrix."""
+        return list(range(self.param.shape[0])) if self.param.dim() == 3 else [None]
+
+
+ActivationCallback = Callable[[torch.Tensor, torch.Tensor, "int | None"], None]
+
+
+class ModelAdapter:
+    """Knows one model family: which weights are scored and where each one sits.
+
+    Subclasses usually only fill `model_types` and `components` (parameter-name suffix ->
+    canonical component); families with fused tensors override `matrices`.
+    """
+
+    name: ClassVar[str]
+    #: `config.model_type` values this adapter claims; empty for the generic fallback.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: parameter-name suffix inside a block (without `.weight`) -> canonical component.
+    components: ClassVar[dict[str, str]] = {}
+    #: how block indices appear in parameter names.
+    layer_pattern: ClassVar[re.Pattern[str]] = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+    # -- loading --------------------------------------------------------------------
+
+    def load(self, source, dtype: torch.dtype, device: torch.device, *,
+             trust_remote_code: bool = False, device_map: str | None = None):
+        """Model (eval mode) and tokenizer. The default is transformers' Auto classes."""
+        from esa_core.loading import load_pretrained
+
+        return load_pretrained(source, dtype, device, trust_remote_code, device_map)
+
+    # -- structure ------------------------------------------------------------------
+
+    def component_of(self, name: str, model: nn.Module) -> str | None:
+        """Canonical component of parameter `name`, or None if it is not a scorable weight."""
+        if name.endswith(".weight"):
+            stem = name[: -len(".weight")]
+        else:
+            stem = name
+        if self.layer_pattern.search(name):
+            for suffix, component in self.components.items():
+                if stem.endswith(suffix):
+                    return component
+            return None
+        return self.outside_component(name, model)
+
+    def outside_component(self, name: str, model: nn.Module) -> str | None:
+        """Embeddings and the output head, found through transformers' own accessors."""
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        param = dict(model.named_parameters()).get(name)
+        if inp is not None and param is inp.weight:
+            return "embed"
+        if out is not None and param is getattr(out, "weight", None):
+            return "lm_head"
+        return None
+
+    def matrices(self, name: str, param: nn.Parameter, component: str) -> list[LogicalMatrix]:
+        """Split one parameter into logical matrices (override for fused tensors)."""
+        match = self.layer_pattern.search(name)
+        layer = int(match.group(1)) if match else None
+        if param.dim() == 3:
+            return [LogicalMatrix(name, layer, component, e) for e in range(param.shape[0])]
+        return [LogicalMatrix(name, layer, component)]
+
+    def scored_params(
+        self,
+        model: nn.Module,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> list[ScoredParam]:
+        """The weights to score: 2-D (or 3-D expert) weights inside the blocks by default.
+
+        `include`/`exclude` are component names or globs (`mlp.*`); including `embed` or
+        `lm_head` adds those, which are left out by default because their gradients dominate.
+        """
+        modules = dict(model.named_modules())
+        scored: list[ScoredParam] = []
+        for name, param in model.named_parameters():
+            if param.dim() not in (2, 3):
+                continue
+            component = self.component_of(name, model)
+            if component is None or not _wanted(component, include, exclude):
+                continue
+            owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            scored.append(ScoredParam(name, param, owner, self.matrices(name, param, component)))
+        return scored
+
+    def register_activation_hook(self, scored: ScoredParam, callback: ActivationCallback):
+        """Call `callback(inputs [tokens, in], outputs [tokens, out], expert)` on every forward.
+
+        The default serves a module that applies the weight as a linear map (nn.Linear and
+        friends). Adapters with 3-D expert tensors override this to report per-expert tokens.
+        """
+        if scored.param.dim() != 2:
+            raise EsaError(
+                f"adapter '{self.name}' cannot capture activations of {scored.name} "
+                f"(shape {tuple(scored.param.shape)})."
+            )
+
+        def hook(module, args, output):
+            x = args[0]
+            callback(x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1]), None)
+
+        return scored.module.register_forward_hook(hook)
+
+
+def _wanted(component: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    def matches(patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(component, p) for p in patterns)
+
+    if exclude and matches(exclude):
+        return False
+    if include:
+        return matches(include) or (
+            component not in NOT_SCORED_BY_DEFAULT and not _narrows(include)
+        )
+    return component not in NOT_SCORED_BY_DEFAULT
+
+
+def _narrows(include: Sequence[str]) -> bool:
+    """`--include embed,lm_head` adds to the default set; `--include mlp.down` narrows it."""
+    return any(p not in NOT_SCORED_BY_DEFAULT for p in include)

@@ -1,0 +1,154 @@
+"""RunConfig: every setting of a run, validated once at the edge (CLI or Python API)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esa_core.errors import EsaError, unknown_choice
+from esa_core.plugins import Registry
+from esa_core.selection import MODES
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+ACCUM_DTYPES = ("fp32", "bf16")
+CONTROLS = ("random_k", "bottom_k", "magnitude_k")
+
+# Defaults for the embedded model on a CPU: small enough to finish in well under two minutes.
+CPU_SEQ_LEN, GPU_SEQ_LEN = 128, 512
+CPU_MAX_SAMPLES, GPU_MAX_SAMPLES = 16, 200
+CPU_EVAL_SAMPLES, GPU_EVAL_SAMPLES = 16, 64
+
+
+def parse_seeds(text: str | list[int] | tuple[int, ...]) -> list[int]:
+    """`1337,123,999` -> [1337, 123, 999]; duplicates and non-integers are errors."""
+    if isinstance(text, (list, tuple)):
+        seeds = [int(s) for s in text]
+    else:
+        parts = [p.strip() for p in str(text).split(",")]
+        if not all(re.fullmatch(r"-?\d+", p) for p in parts):
+            raise EsaError(
+                f"--seeds must be comma-separated integers like 1337,123,999; got '{text}'."
+            )
+        seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise EsaError(f"--seeds has a repeated seed: {text}.")
+    if any(s < 0 for s in seeds):
+        raise EsaError(f"--seeds must be non-negative: {text}.")
+    return seeds
+
+
+def parse_list(text: str | list[str] | None) -> list[str]:
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [t for t in text if t]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_metric_args(pairs: list[str] | dict[str, Any] | None) -> dict[str, str]:
+    if not pairs:
+        return {}
+    if isinstance(pairs, dict):
+        return dict(pairs)
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EsaError(f"--metric-arg must look like key=value; got '{pair}'.")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a run's result. `resolved()` fills device-dependent defaults."""
+
+    model: str | None = None
+    metric: str = "grad_x_weight"
+    mode: str = "per_layer"
+    topk: int = 100
+    max_samples: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [1337])
+    stability_check: bool = False
+    dtype: str = "auto"
+    save_plots: bool = False
+    verbose: bool = False
+    out_dir: str | None = None
+    perturb: str | None = None
+    perturb_scale: float = 1.0
+    perturb_prob: float = 0.05
+    controls: list[str] = field(default_factory=list)
+    dataset: str = "wikitext2"
+    seq_len: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    eval_samples: int | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    adapter: str | None = None
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    metric_args: dict[str, str] = field(default_factory=dict)
+    accum_dtype: str = "fp32"
+
+    def validate(self, registry: Registry) -> RunConfig:
+        """Check every choice against the installed plugins; raise EsaError on the first problem."""
+        registry.get("metric", self.metric)
+        if self.mode not in MODES:
+            raise unknown_choice("mode", self.mode, MODES)
+        if self.dtype not in DTYPE_CHOICES:
+            raise unknown_choice("dtype", self.dtype, DTYPE_CHOICES)
+        if self.device not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise unknown_choice("device", self.device, DEVICE_CHOICES)
+        if self.accum_dtype not in ACCUM_DTYPES:
+            raise unknown_choice("accumulator dtype", self.accum_dtype, ACCUM_DTYPES)
+        if self.topk <= 0:
+            raise EsaError(f"--topk must be a positive integer; got {self.topk}.")
+        sizes = (("--max-samples", self.max_samples), ("--seq-len", self.seq_len),
+                 ("--batch-size", self.batch_size), ("--eval-samples", self.eval_samples))
+        for name, value in sizes:
+            if value is not None and value <= 0:
+                raise EsaError(f"{name} must be a positive integer; got {value}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise EsaError("--seq-len must be at least 2 (one token predicts the next).")
+        self.seeds = parse_seeds(self.seeds)
+        if not 0.0 <= self.perturb_prob <= 1.0:
+            raise EsaError(f"--perturb-prob must lie in [0, 1]; got {self.perturb_prob}.")
+        if self.adapter is not None:
+            registry.get("model adapter", self.adapter)
+        if self.perturb is not None:
+            registry.get("perturbation", self.perturb)
+        for control in self.controls:
+            if control not in CONTROLS:
+                raise unknown_choice("control", control, CONTROLS)
+        if self.controls and self.perturb is None:
+            raise EsaError("--controls needs --perturb: a control set is perturbed the same way "
+                           "as the top-k to compare against it.")
+        if self.out_dir is not None and Path(self.out_dir).is_file():
+            raise EsaError(f"--out-dir {self.out_dir} exists and is a file, not a folder.")
+        # building the metric validates its options (unknown option, wrong type)
+        registry.get("metric", self.metric)(**self.metric_args)
+        return self
+
+    def resolved(self, device_type: str) -> RunConfig:
+        """Fill the defaults that depend on the device (shorter, fewer blocks on a CPU)."""
+        on_gpu = device_type == "cuda"
+        if self.seq_len is None:
+            self.seq_len = GPU_SEQ_LEN if on_gpu else CPU_SEQ_LEN
+        if self.max_samples is None:
+            self.max_samples = GPU_MAX_SAMPLES if on_gpu else CPU_MAX_SAMPLES
+        if self.eval_samples is None:
+            self.eval_samples = GPU_EVAL_SAMPLES if on_gpu else CPU_EVAL_SAMPLES
+        return self
+
+    def default_out_dir(self, model_id: str) -> Path:
+        if self.out_dir is not None:
+            return Path(self.out_dir)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")
+        return Path("outputs") / "esa" / safe / f"{self.metric}_{self.mode}_k{self.topk}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,182 @@
+"""The scoring engine: one pass over calibration batches, scores streamed through hooks.
+
+The engine owns forward, backward and hooks; a Metric only says what one batch adds to a score.
+Gradients are consumed as they are accumulated and freed at once, so no model-sized gradient
+buffer ever lives beside the accumulators, and parameters that are not scored get no gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
+from esa_core.errors import EsaError
+
+log = logging.getLogger(__name__)
+
+Slot = tuple[str, "int | None"]  # (parameter name, expert index or None)
+
+
+def batch_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of token blocks."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten()
+    )
+
+
+@contextlib.contextmanager
+def only_scored_require_grad(model: nn.Module, scored: list[ScoredParam]) -> Iterator[None]:
+    """Give gradients to the scored weights alone; restore requires_grad afterwards."""
+    before = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(s.param) for s in scored}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    try:
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+
+
+class PluginFailure(EsaError):
+    """A plugin raised inside a hook: name it instead of surfacing a torch traceback."""
+
+
+def _call(metric: Metric, what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except EsaError:
+        raise
+    except Exception as exc:
+        raise PluginFailure(
+            f"metric '{metric.name}' failed in {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _view(tensor: torch.Tensor, expert: int | None) -> torch.Tensor:
+    return tensor if expert is None else tensor[expert]
+
+
+class ScoringRun:
+    """Score every scored weight of `model` with `metric` over some calibration batches."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        scored: list[ScoredParam],
+        metric: Metric,
+        accum_dtype: torch.dtype = torch.float32,
+        batch_size: int = 1,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.scored = scored
+        self.metric = metric
+        self.accum_dtype = accum_dtype
+        self.batch_size = batch_size
+        self.progress = progress
+        self.device = next(model.parameters()).device
+
+    def _states(self) -> dict[Slot, object]:
+        return {
+            (s.name, e): self.metric.init_state(_view(s.param.detach(), e), self.accum_dtype)
+            for s in self.scored
+            for e in s.experts
+        }
+
+    def score(self, blocks: torch.Tensor, seed: int, label: str = "") -> dict[str, torch.Tensor]:
+        """Scores of every scored parameter (parameter-shaped, accum dtype) over `blocks`."""
+        needs = self.metric.needs
+        states = self._states()
+        batches = list(blocks.split(self.batch_size)) if needs else []
+        probe_generator = torch.Generator(device=self.device).manual_seed(seed)
+        with contextlib.ExitStack() as stack:
+            if ACTIVATIONS in needs:
+                for s in self.scored:
+                    stack.callback(self._tap_activations(s, states).remove)
+            if GRAD in needs:
+                stack.enter_context(only_scored_require_grad(self.model, self.scored))
+                for s in self.scored:
+                    stack.callback(self._tap_grad(s, states).remove)
+            elif HVP in needs:
+                stack.enter_context(only_scored_require_grad(self.model, self.scored))
+            bar = tqdm(batches, desc=f"scoring {label}".strip(), unit="batch",
+                       disable=None if self.progress else True, leave=False)
+            for batch in bar:
+                batch = batch.to(self.device, non_blocking=True)
+                if HVP in needs:
+                    self._hvp_step(batch, states, probe_generator)
+                elif GRAD in needs:
+                    batch_loss(self.model, batch).backward()
+                else:
+                    with torch.no_grad():
+                        self.model(input_ids=batch, use_cache=False)
+        return self._finalize(states, len(batches))
+
+    def _tap_grad(self, s: ScoredParam, states: dict[Slot, object]):
+        metric = self.metric
+
+        def consume(param: torch.Tensor) -> None:
+            grad, weight = param.grad, param.detach()
+            for e in s.experts:
+                _call(metric, f"on_grad({s.name})", metric.on_grad,
+                      states[(s.name, e)], _view(weight, e), _view(grad, e))
+            param.grad = None  # freed here: no gradient buffer survives the backward pass
+
+        return s.param.register_post_accumulate_grad_hook(consume)
+
+    def _tap_activations(self, s: ScoredParam, states: dict[Slot, object]):
+        metric = self.metric
+        weight = s.param.detach()
+
+        def seen(inputs: torch.Tensor, outputs: torch.Tensor, expert: int | None) -> None:
+            _call(metric, f"on_activations({s.name})", metric.on_activations,
+                  states[(s.name, expert)], _view(weight, expert), inputs.detach(),
+                  outputs.detach())
+
+        return self.adapter.register_activation_hook(s, seen)
+
+    def _hvp_step(self, batch: torch.Tensor, states, generator: torch.Generator) -> None:
+        params = [s.param for s in self.scored]
+        loss = batch_loss(self.model, batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for probe in range(self.metric.probes):
+            zs = [
+                torch.randint(0, 2, p.shape, generator=generator, device=p.device,
+                              dtype=torch.int8).to(p.dtype).mul_(2).sub_(1)
+                for p in params
+            ]
+            hzs = torch.autograd.grad(grads, params, grad_outputs=zs,
+                                      retain_graph=probe < self.metric.probes - 1)
+            for s, hz, z in zip(self.scored, hzs, zs):
+                for e in s.experts:
+                    _call(self.metric, f"on_hvp({s.name})", self.metric.on_hvp,
+                          states[(s.name, e)], _view(s.param.detach(), e), _view(hz, e),
+                          _view(z, e))
+            del zs, hzs
+        del grads, loss
+
+    def _finalize(self, states: dict[Slot, object], num_batches: int) -> dict[str, torch.Tensor]:
+        scores: dict[str, torch.Tensor] = {}
+        for s in self.scored:
+            weight = s.param.detach()
+            parts = []
+            for e in s.experts:
+                part = self.metric.finalize(states.pop((s.name, e)), _view(weight, e), num_batches)
+                if part.shape != _view(weight, e).shape:
+                    raise PluginFailure(
+                        f"metric '{self.metric.name}' returned scores of shape {tuple(part.shape)}"
+                        f" for {s.name}, expected {tuple(_view(weight, e).shape)}."
+                    )
+                parts.append(part.to(self.accum_dtype))
+            scores[s.name] = parts[0] if s.param.dim() == 2 else torch.stack(parts)
+        return scores

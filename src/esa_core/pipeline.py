@@ -1,0 +1,242 @@
+"""The run, stage by stage: load, data, scoring, selection, outputs.
+
+The core drives; plugins decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esa_core import __version__, data, loading
+from esa_core.api import Metric, ModelAdapter, ScoredParam
+from esa_core.config import RunConfig
+from esa_core.engine import ScoringRun
+from esa_core.errors import EsaError
+from esa_core.plugins import Registry
+from esa_core.plugins import registry as default_registry
+from esa_core.results import prepare_out_dir, write_csv, write_json
+from esa_core.selection import Selection, select
+from esa_core.stats import sensitivity_stats
+
+log = logging.getLogger(__name__)
+GENERIC_ADAPTER = "generic"
+NOT_BUILT = {
+    "stability_check": "--stability-check",
+    "perturb": "--perturb",
+    "save_plots": "--save-plots",
+}
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: its folder, manifest, selection and statistics."""
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    selection: Selection
+    stats: dict[str, Any]
+    seed_selections: dict[int, Selection] = field(default_factory=dict)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Stages:
+    """Wall time per stage, and the last one completed (for an interrupted run's manifest)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.completed: str | None = None
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        yield
+        self.timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        self.completed = name
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self._start, 3)
+
+
+def choose_adapter(registry: Registry, model_type: str, requested: str | None) -> ModelAdapter:
+    """The adapter named by --adapter, else the one claiming `model_type`, else the generic one."""
+    if requested:
+        return registry.get("model adapter", requested)()
+    for cls in registry.model_adapters.values():
+        if model_type in getattr(cls, "model_types", ()):
+            return cls()
+    return registry.get("model adapter", GENERIC_ADAPTER)()
+
+
+def _refuse_unbuilt(config: RunConfig) -> None:
+    for attr, flag in NOT_BUILT.items():
+        if getattr(config, attr):
+            raise EsaError(f"{flag} is not available in this version of ESA yet.")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def csv_rows(selection: Selection, params: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """top_weights.csv rows: `param[row, col]` (or `param[expert, row, col]`) is `weight`."""
+    rows = []
+    for rank, (picks, i) in enumerate(selection.ranked(), start=1):
+        m = picks.matrix
+        row, col = int(picks.rows[i]), int(picks.cols[i])
+        index = (row, col) if m.expert is None else (m.expert, row, col)
+        rows.append({
+            "rank": rank, "param": m.param, "layer": m.layer, "component": m.component,
+            "expert": m.expert, "row": row, "col": col,
+            "score": repr(float(picks.scores[i])),
+            "weight": repr(float(params[m.param].detach()[index])),
+        })
+    return rows
+
+
+def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
+        registry: Registry | None = None, **settings: Any) -> RunResult:
+    """Run one analysis end to end and write its result folder.
+
+    The Python API mirrors the CLI: `esa_core.run(metric="grad_x_weight", topk=50,
+    seeds=[1337, 123], out_dir="outputs/x")` takes RunConfig's fields as keywords.
+    """
+    registry = registry or default_registry()
+    config = config or RunConfig(**settings)
+    config.validate(registry)
+    _refuse_unbuilt(config)
+    stages = Stages()
+    started_at = now()
+    source = loading.resolve(config.model)
+    device = loading.pick_device(config.device)
+    config.resolved(device.type)
+    metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
+
+    with stages.stage("load"):
+        model_config = loading.load_config(source, config.trust_remote_code)
+        adapter = choose_adapter(registry, model_config.model_type, config.adapter)
+        dtype = loading.pick_dtype(config.dtype, device)
+        model, tokenizer = adapter.load(source, dtype, device,
+                                        trust_remote_code=config.trust_remote_code)
+        scored = adapter.scored_params(model, config.include, config.exclude)
+        if not scored:
+            raise EsaError(f"no weights to score in {source.model_id} with adapter "
+                           f"'{adapter.name}' and the given --include/--exclude.")
+    with stages.stage("data"):
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context and config.seq_len > context:
+            raise EsaError(f"--seq-len {config.seq_len} exceeds the model's context ({context}).")
+        tokens = data.tokenize(data.read_texts(config.dataset), tokenizer, config.seq_len,
+                               config.eval_samples)
+        for seed in config.seeds:
+            tokens.draw(seed, config.max_samples)  # checks the pool is big enough, up front
+
+    out_dir = prepare_out_dir(config.default_out_dir(source.model_id), config.overwrite)
+    manifest = _manifest(config, argv, source, model, model_config, adapter, scored, tokens,
+                         device, dtype, registry, started_at)
+    write_json(out_dir / "experiment_manifest.json", {**manifest, "status": "running"})
+    try:
+        with stages.stage("scoring"):
+            mean_scores, seed_scores_top = _score_seeds(config, model, adapter, scored, metric,
+                                                        tokens)
+        matrices = [m for s in scored for m in s.matrices]
+        with stages.stage("selection"):
+            selection = select(mean_scores, matrices, config.topk, config.mode)
+            stats = sensitivity_stats(mean_scores, matrices)
+            params = {s.name: s.param for s in scored}
+            write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
+            write_json(out_dir / "sensitivity_stats.json", stats)
+        # Later stages, each in its own module, each reading what the earlier ones produced:
+        #   stability (--stability-check), evaluation (--perturb), plots (--save-plots).
+        # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
+    except BaseException as exc:
+        manifest.update(status="interrupted", last_completed_stage=stages.completed,
+                        error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
+                        finished_at=now())
+        write_json(out_dir / "experiment_manifest.json", manifest)
+        raise
+    manifest.update(status="complete", last_completed_stage=stages.completed,
+                    timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
+    write_json(out_dir / "experiment_manifest.json", manifest)
+    return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
+
+
+def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
+                 metric: Metric, tokens: data.TokenData):
+    """Score once per seed; return the seeds' mean scores and each seed's own top-k."""
+    accum = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.accum_dtype]
+    scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size)
+    matrices = [m for s in scored for m in s.matrices]
+    total: dict[str, torch.Tensor] | None = None
+    per_seed: dict[int, Selection] = {}
+    for seed in config.seeds:
+        blocks = tokens.draw(seed, config.max_samples)
+        scores = scoring.score(blocks, seed, label=f"seed {seed}")
+        per_seed[seed] = select(scores, matrices, config.topk, config.mode)
+        if total is None:
+            total = scores
+        else:
+            for name, value in scores.items():
+                total[name].add_(value)
+            del scores
+    assert total is not None
+    for value in total.values():
+        value.div_(len(config.seeds))
+    return total, per_seed
+
+
+def _manifest(config, argv, source, model, model_config, adapter, scored, tokens, device, dtype,
+              registry: Registry, started_at: str) -> dict[str, Any]:
+    used = {("metric", config.metric), ("model adapter", adapter.name)}
+    if config.perturb:
+        used.add(("perturbation", config.perturb))
+    plugins = [
+        {"kind": e.kind, "name": e.name, "distribution": e.distribution, "version": e.version}
+        for e in registry.entries if (e.kind, e.name) in used
+    ]
+    return {
+        "esa_version": __version__,
+        "argv": list(argv) if argv is not None else sys.argv,
+        "config": config.to_dict(),
+        "model": {
+            "id": source.model_id,
+            "source": source.kind,
+            "model_type": model_config.model_type,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_scored": sum(s.param.numel() for s in scored),
+            "n_matrices": sum(len(s.matrices) for s in scored),
+            "dtype": str(dtype).removeprefix("torch."),
+            "adapter": adapter.name,
+        },
+        "data": {**tokens.manifest(), "n_calibration": config.max_samples},
+        "seeds": {str(seed): {"calibration_blocks": idx} for seed, idx in tokens.draws.items()},
+        "environment": environment(device),
+        "plugins": plugins,
+        "started_at": started_at,
+    }

@@ -1,0 +1,150 @@
+"""Discover plugins from the `esa` entry-point group and index what they register.
+
+Built-ins and third-party plugins take the same path: an entry point, a pluggy hook call.
+A plugin that fails to import is reported (a warning and a row in `esa list-plugins`), never fatal.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import pluggy
+
+from esa_core import hookspecs
+from esa_core.errors import unknown_choice
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "esa"
+KINDS = {
+    "metric": "register_metrics",
+    "perturbation": "register_perturbations",
+    "model adapter": "register_model_adapters",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin object and where it came from."""
+
+    kind: str
+    name: str
+    description: str
+    distribution: str
+    version: str
+    cls: type | None = None
+    error: str | None = None
+
+
+@dataclass
+class Registry:
+    """Everything the installed plugins registered, by kind and name."""
+
+    entries: list[PluginInfo] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> dict[str, type]:
+        return {e.name: e.cls for e in self.entries if e.kind == kind and e.cls is not None}
+
+    def get(self, kind: str, name: str) -> type:
+        """The class registered as `name`, or the one-line error naming the valid choices."""
+        found = self.of_kind(kind)
+        if name not in found:
+            raise unknown_choice(kind, name, found)
+        return found[name]
+
+    @property
+    def metrics(self) -> dict[str, type]:
+        return self.of_kind("metric")
+
+    @property
+    def perturbations(self) -> dict[str, type]:
+        return self.of_kind("perturbation")
+
+    @property
+    def model_adapters(self) -> dict[str, type]:
+        return self.of_kind("model adapter")
+
+    @property
+    def failures(self) -> list[PluginInfo]:
+        return [e for e in self.entries if e.error is not None]
+
+
+def _first_doc_line(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def load_registry() -> Registry:
+    """Load every `esa` entry point, call its hooks, and index the result."""
+    pm = pluggy.PluginManager("esa")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry()
+    origin: dict[str, tuple[str, str]] = {}
+    entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(entry_points, key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        plugin_name = f"{dist}:{ep.name}"
+        if pm.has_plugin(plugin_name):
+            continue  # the same distribution seen twice on sys.path
+        try:
+            module = ep.load()
+            pm.register(module, name=plugin_name)
+        except Exception as exc:  # a broken plugin must not break the CLI
+            log.warning("plugin %s (%s %s) failed to load: %s", ep.name, dist, version, exc)
+            registry.entries.append(
+                PluginInfo("broken plugin", ep.name, str(exc), dist, version, error=repr(exc))
+            )
+            continue
+        origin[plugin_name] = (dist, version)
+
+    for kind, hook_name in KINDS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            dist, version = origin[impl.plugin_name]
+
+            def register(cls: type, kind: str = kind, dist: str = dist, version: str = version):
+                registry.entries.append(
+                    PluginInfo(kind, cls.name, _first_doc_line(cls), dist, version, cls)
+                )
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                log.warning("plugin %s failed in %s: %s", impl.plugin_name, hook_name, exc)
+                registry.entries.append(
+                    PluginInfo("broken plugin", impl.plugin_name, str(exc), dist, version,
+                               error=repr(exc))
+                )
+    _warn_duplicates(registry)
+    return registry
+
+
+def _warn_duplicates(registry: Registry) -> None:
+    seen: dict[tuple[str, str], PluginInfo] = {}
+    for e in registry.entries:
+        if e.cls is None:
+            continue
+        key = (e.kind, e.name)
+        if key in seen:
+            log.warning(
+                "%s '%s' is registered by both %s and %s; the later one wins",
+                e.kind, e.name, seen[key].distribution, e.distribution,
+            )
+        seen[key] = e
+
+
+@functools.cache
+def registry() -> Registry:
+    """The process-wide registry, loaded on first use."""
+    return load_registry()
+
+
+def clear_cache() -> None:
+    """Forget the loaded registry (tests that install a plugin mid-session call this)."""
+    registry.cache_clear()
+    importlib.invalidate_caches()
+    sys.modules.pop("importlib.metadata._cache", None)

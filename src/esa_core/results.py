@@ -1,0 +1,94 @@
+"""The one writer of result files: atomic, NaN-free JSON, and a guarded result folder.
+
+Every file is written to a temporary name in the same folder and renamed into place, so an
+interrupted run never leaves a half-written file. Non-finite numbers become null, with a
+`<key>_nonfinite` flag beside them saying what the value was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from esa_core.errors import EsaError
+
+CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
+
+
+def finite_json(value: Any) -> Any:
+    """A copy of `value` in which every NaN/Infinity is null with a flag beside it."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                out[key] = None
+                out[f"{key}_nonfinite"] = "nan" if math.isnan(item) else (
+                    "inf" if item > 0 else "-inf")
+            else:
+                out[key] = finite_json(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(v, float) and not math.isfinite(v) else finite_json(v)
+                for v in value]
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse to touch an existing non-empty folder unless told to (--overwrite / --resume)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EsaError(f"--out-dir {out_dir} exists and is a file, not a folder.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise EsaError(
+            f"--out-dir {out_dir} already holds results; pass --overwrite to replace them "
+            "or choose another --out-dir."
+        )
+    return out_dir

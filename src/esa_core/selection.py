@@ -1,0 +1,103 @@
+"""Top-k selection, per logical matrix (`per_layer`) or over the whole model (`global`).
+
+Global ranking merges each matrix's own top-k candidates: the global top-k is always inside the
+union of per-matrix top-k sets, so no tensor of all the model's scores is ever built or sorted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from esa_core.api import LogicalMatrix
+from esa_core.errors import EsaError
+
+MODES = ("per_layer", "global")
+
+
+@dataclass
+class Picks:
+    """Selected weights of one logical matrix: real coordinates into the parameter and scores."""
+
+    matrix: LogicalMatrix
+    rows: torch.Tensor  # rows of the parameter (or of param[expert])
+    cols: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def flat(self, shape: torch.Size) -> torch.Tensor:
+        """Flat indices into the parameter (including the expert offset for 3-D tensors)."""
+        rows_cols = self.rows * shape[-1] + self.cols
+        if self.matrix.expert is None:
+            return rows_cols
+        return rows_cols + self.matrix.expert * shape[-2] * shape[-1]
+
+
+@dataclass
+class Selection:
+    """A selected weight set: one Picks per matrix that has any."""
+
+    picks: list[Picks]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.picks)
+
+    def ranked(self) -> list[tuple[Picks, int]]:
+        """(picks, position) pairs, highest score first; ties broken by matrix order."""
+        if not self.picks:
+            return []
+        scores = torch.cat([p.scores.float().cpu() for p in self.picks])
+        owner = torch.cat([torch.full((len(p),), i) for i, p in enumerate(self.picks)])
+        position = torch.cat([torch.arange(len(p)) for p in self.picks])
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return [(self.picks[owner[i]], int(position[i])) for i in order.tolist()]
+
+
+def _top(matrix: LogicalMatrix, score: torch.Tensor, k: int, largest: bool) -> Picks:
+    view = matrix.view(score)
+    values, flat = torch.topk(view.reshape(-1), min(k, view.numel()), largest=largest, sorted=True)
+    cols = flat % view.shape[1]
+    rows = matrix.real_row(torch.div(flat, view.shape[1], rounding_mode="floor"))
+    return Picks(matrix, rows, cols, values)
+
+
+def select(
+    scores: Mapping[str, torch.Tensor],
+    matrices: Iterable[LogicalMatrix],
+    k: int,
+    mode: str,
+    largest: bool = True,
+) -> Selection:
+    """The k highest-scoring (or lowest, `largest=False`) weights per matrix or overall."""
+    matrices = list(matrices)
+    if mode == "per_layer":
+        smallest = min(m.view(scores[m.param]).numel() for m in matrices)
+        if k > smallest:
+            raise EsaError(
+                f"--topk {k} is larger than the smallest scored matrix ({smallest} weights) "
+                "in per_layer mode."
+            )
+        return Selection([_top(m, scores[m.param], k, largest) for m in matrices])
+    if mode != "global":
+        raise EsaError(f"unknown mode '{mode}'. Valid choices: {', '.join(MODES)}.")
+    candidates = [_top(m, scores[m.param], k, largest) for m in matrices]
+    total = sum(len(c) for c in candidates)
+    if k > total:
+        raise EsaError(f"--topk {k} is larger than the number of scored weights ({total}).")
+    merged = torch.cat([c.scores.float().cpu() for c in candidates])
+    order = torch.topk(merged, k, largest=largest, sorted=True).indices
+    owner = torch.cat([torch.full((len(c),), i) for i, c in enumerate(candidates)])
+    start = torch.tensor([0] + [len(c) for c in candidates]).cumsum(0)
+    chosen: dict[int, list[int]] = {}
+    for i in order.tolist():
+        o = int(owner[i])
+        chosen.setdefault(o, []).append(i - int(start[o]))
+    picks = []
+    for o in sorted(chosen):
+        c, idx = candidates[o], torch.tensor(chosen[o], device=candidates[o].rows.device)
+        picks.append(Picks(c.matrix, c.rows[idx], c.cols[idx], c.scores[idx]))
+    return Selection(picks)
