@@ -1,0 +1,155 @@
+"""`esa run` end to end: CliRunner, a real subprocess, the original runner, the Python API."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import esa_core
+from esa_core.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = ("experiment_manifest.json", "sensitivity_stats.json", "top_weights.csv")
+FAST = ["--seq-len", "16", "--max-samples", "4", "--eval-samples", "2"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def assert_csv_indexes_true_weights(out_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    rows = read_csv(out_dir / "top_weights.csv")
+    assert rows
+    for row in rows:
+        index = tuple(int(row[k]) for k in ("expert", "row", "col") if row[k] != "")
+        assert float(weights[row["param"]][index]) == float(row["weight"])
+
+
+def test_cli_run_global_on_saved_llama_folder(tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_llama_dir), "--metric", "grad_x_weight", "--mode", "global",
+        "--topk", "50", "--max-samples", "8", "--seq-len", "16", "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    assert all((out_dir / f).is_file() for f in FILES)
+    rows = read_csv(out_dir / "top_weights.csv")
+    assert len(rows) == 50
+    assert [int(r["rank"]) for r in rows] == list(range(1, 51))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert_csv_indexes_true_weights(out_dir, load_file(tiny_llama_dir / "model.safetensors"))
+
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["model"]["adapter"] == "llama"
+    assert manifest["data"]["n_calibration"] == 8
+    assert len(manifest["seeds"]["1337"]["calibration_blocks"]) == 8
+    assert set(manifest["timings"]) >= {"load_s", "data_s", "scoring_s", "selection_s", "total_s"}
+    stats = json.loads((out_dir / "sensitivity_stats.json").read_text())
+    assert stats["global"]["count"] == manifest["model"]["n_scored"]
+    # embeddings and lm_head are not scored by default
+    assert not {r["component"] for r in rows} & {"embed", "lm_head"}
+
+
+def test_per_layer_mode_takes_topk_from_every_matrix(tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), "--topk", "3",
+                                      *FAST, "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out_dir / "top_weights.csv")
+    per_matrix: dict[tuple, int] = {}
+    for r in rows:
+        per_matrix[(r["layer"], r["component"])] = per_matrix.get((r["layer"], r["component"]), 0) + 1
+    assert len(per_matrix) == 2 * 7 and set(per_matrix.values()) == {3}
+
+
+def test_existing_result_folder_is_refused_without_overwrite(tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_llama_dir), "--topk", "2", *FAST, "--out-dir", str(out_dir)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert "--overwrite" in refused.output
+    assert {p: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_unknown_metric_is_one_line_naming_the_choices(tiny_llama_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "esa_core.cli", "run", "--model", str(tiny_llama_dir),
+         "--metric", "activation_magnitude", "--out-dir", str(tmp_path / "x")],
+        capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "unknown metric 'activation_magnitude'" in lines[0]
+    assert "grad_x_weight" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_flags_change_what_they_say(tiny_llama_dir, tmp_path):
+    """--dtype, --seq-len, --eval-samples and --include reach the run (not accepted and ignored)."""
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_llama_dir), "--topk", "2", "--dtype", "bf16", "--seq-len", "24",
+        "--max-samples", "3", "--eval-samples", "2", "--include", "mlp.down",
+        "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "bfloat16"
+    assert manifest["data"]["seq_len"] == 24
+    assert manifest["data"]["n_eval"] == 2
+    assert {r["component"] for r in read_csv(out_dir / "top_weights.csv")} == {"mlp.down"}
+
+
+def test_subprocess_console_script_and_runner_shim(tiny_llama_dir, tmp_path):
+    esa = Path(sys.executable).parent / "esa"
+    out_dir = tmp_path / "run"
+    done = subprocess.run([str(esa), "run", "--model", str(tiny_llama_dir), "--topk", "2",
+                           *FAST, "--out-dir", str(out_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert all((out_dir / f).is_file() for f in FILES)
+    # the original guide's entry point takes the same flags, --help included
+    shim = subprocess.run([sys.executable, str(ROOT / "esa_runner.py"), "--help"],
+                          capture_output=True, text=True)
+    assert shim.returncode == 0
+    for flag in ("--model", "--metric", "--mode", "--topk", "--max-samples", "--seeds",
+                 "--stability-check", "--dtype", "--save-plots", "--verbose", "--out-dir",
+                 "--perturb", "--perturb-scale", "--perturb-prob", "--controls"):
+        assert flag in shim.stdout
+
+
+def test_python_api_mirrors_the_cli(tiny_llama_dir, tmp_path):
+    result = esa_core.run(model=str(tiny_llama_dir), topk=4, mode="global", seq_len=16,
+                          max_samples=4, eval_samples=2, out_dir=str(tmp_path / "api"))
+    assert len(result.selection) == 4
+    assert result.manifest["status"] == "complete"
+    assert (tmp_path / "api" / "top_weights.csv").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_default_runs_offline(tmp_path):
+    """`esa run` with no --model analyses SmolLM2-135M on the bundled WikiText-2."""
+    out_dir = tmp_path / "default"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "esa_runner.py"), "--topk", "5", "--out-dir", str(out_dir)],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["model"]["id"] == "SmolLM2-135M-Instruct"
+    assert manifest["model"]["model_type"] == "llama"
+    assert manifest["model"]["n_params"] > 100_000_000
+    assert manifest["data"]["source"].startswith("wikitext2")
+    from esa_core.loading import default_gguf, gguf_as_folder
+
+    weights = load_file(gguf_as_folder(default_gguf()) / "model.safetensors")
+    assert_csv_indexes_true_weights(out_dir, weights)
+    assert len(read_csv(out_dir / "top_weights.csv")) == 5 * 30 * 7

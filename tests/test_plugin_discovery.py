@@ -1,0 +1,83 @@
+"""A separately installed distribution adds a metric through the `esa` entry-point group."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parent / "plugin_example"
+ESA = [sys.executable, "-m", "esa_core.cli"]
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory) -> Path:
+    """The example plugin installed into its own folder, as pip would for a user."""
+    target = tmp_path_factory.mktemp("example-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+         str(EXAMPLE)],
+        check=True, capture_output=True,
+    )
+    assert list(target.glob("esa_plugin_example-*.dist-info"))
+    return target
+
+
+def _env(site: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+
+
+def test_installed_plugin_is_listed_with_its_distribution(example_site):
+    out = subprocess.run([*ESA, "list-plugins", "--json"], env=_env(example_site),
+                         capture_output=True, text=True, check=True).stdout
+    rows = {(r["kind"], r["name"]): r for r in json.loads(out)}
+    row = rows[("metric", "abs_grad")]
+    assert row["distribution"] == "esa-plugin-example"
+    assert row["version"] == "0.0.1"
+    # the built-ins come through the very same path
+    assert rows[("metric", "grad_x_weight")]["distribution"] == "esa-toolkit"
+
+
+def test_installed_plugin_is_a_valid_metric_choice(example_site, tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    result = subprocess.run(
+        [*ESA, "run", "--model", str(tiny_llama_dir), "--metric", "abs_grad", "--topk", "3",
+         "--max-samples", "2", "--seq-len", "16", "--eval-samples", "2", "--out-dir",
+         str(out_dir)],
+        env=_env(example_site), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert {"kind": "metric", "name": "abs_grad", "distribution": "esa-plugin-example",
+            "version": "0.0.1"} in manifest["plugins"]
+
+
+def test_without_the_plugin_the_metric_is_unknown(tiny_llama_dir, tmp_path):
+    result = subprocess.run(
+        [*ESA, "run", "--model", str(tiny_llama_dir), "--metric", "abs_grad",
+         "--out-dir", str(tmp_path / "run")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "unknown metric 'abs_grad'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_plugin_is_reported_not_fatal(tmp_path):
+    """A plugin whose import fails shows up as a row; the CLI keeps working."""
+    dist = tmp_path / "esa_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: esa-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[esa]\nbroken = esa_broken_module\n")
+    (tmp_path / "esa_broken_module.py").write_text("raise ImportError('missing dependency xyz')\n")
+    result = subprocess.run([*ESA, "list-plugins", "--json"], env=_env(tmp_path),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    broken = [r for r in rows if r["kind"] == "broken plugin"]
+    assert broken and broken[0]["distribution"] == "esa-broken"
+    assert "missing dependency xyz" in broken[0]["description"]
+    assert any(r["name"] == "grad_x_weight" for r in rows)
+    assert "failed to load" in result.stderr
