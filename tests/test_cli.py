@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,7 @@ def test_per_layer_mode_takes_topk_from_every_matrix(tiny_llama_dir, tmp_path):
                                       *FAST, "--out-dir", str(out_dir)])
     assert result.exit_code == 0, result.output
     rows = read_csv(out_dir / "top_weights.csv")
-    per_matrix: dict[tuple, int] = {}
-    for r in rows:
-        per_matrix[(r["layer"], r["component"])] = per_matrix.get((r["layer"], r["component"]), 0) + 1
+    per_matrix = Counter((r["layer"], r["component"]) for r in rows)
     assert len(per_matrix) == 2 * 7 and set(per_matrix.values()) == {3}
 
 
