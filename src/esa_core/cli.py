@@ -1,4 +1,4 @@
-"""The `esa` command line: `esa run`, `esa list-plugins`. Flags match the original guide."""
+"""The `esa` command line: `esa run`, `esa report`, `esa list-plugins`; flags as in the guide."""
 
 from __future__ import annotations
 
@@ -108,6 +108,23 @@ def run_command(
                    err=True)
         raise typer.Exit(130) from None
     typer.echo(f"Results written to {result.out_dir}")
+
+
+@app.command("report")
+def report_command(
+    run_dir: str = typer.Argument(..., help="A result folder written by `esa run`."),
+    save_plots: bool = typer.Option(True, "--save-plots/--no-save-plots",
+                                    help="Also (re)write the figures to plots/."),
+) -> None:
+    """Redraw the figures and report.html of a result folder, without loading the model."""
+    _setup_logging(False)
+    from esa_core import report
+
+    try:
+        path = report.build(run_dir, save_plots=save_plots)
+    except EsaError as exc:
+        _fail(str(exc), False)
+    typer.echo(f"Report written to {path}")
 
 
 @app.command("list-plugins")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from esa_core import __version__, data, loading
+from esa_core import __version__, data, loading, plots, report
 from esa_core.api import Metric, ModelAdapter, ScoredParam
 from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
@@ -34,7 +34,6 @@ GENERIC_ADAPTER = "generic"
 NOT_BUILT = {
     "stability_check": "--stability-check",
     "perturb": "--perturb",
-    "save_plots": "--save-plots",
 }
 
 
@@ -168,13 +167,17 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         matrices = [m for s in scored for m in s.matrices]
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
-            stats = sensitivity_stats(mean_scores, matrices)
             params = {s.name: s.param for s in scored}
+            stats = sensitivity_stats(mean_scores, matrices, params)
             write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
             write_json(out_dir / "sensitivity_stats.json", stats)
         # Later stages, each in its own module, each reading what the earlier ones produced:
         #   stability (--stability-check), evaluation (--perturb), plots (--save-plots).
         # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
+        with stages.stage("plots"):  # from the files just written, as `esa report` does
+            figures = plots.render(plots.RunFiles.read(out_dir))
+            if config.save_plots:
+                figures.save(out_dir / "plots")
     except BaseException as exc:
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
                         error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
@@ -184,6 +187,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     manifest.update(status="complete", last_completed_stage=stages.completed,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
     write_json(out_dir / "experiment_manifest.json", manifest)
+    report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
 

@@ -3,6 +3,8 @@
 Exact moments (count, mean, std, max, kurtosis) are streamed matrix by matrix; quantiles come
 from a fixed-size deterministic sample and the tail index from the merged top scores, so no
 tensor of all the model's scores is ever built (the original spent minutes on exact percentiles).
+The same sample and top scores give a compact CCDF (global and per component) and a streamed
+histogram of |w|, so figures are drawn from this file alone, never from the model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999)
 SAMPLE_PER_MATRIX = 4096
 TAIL_FRACTION = 0.001  # Hill's estimator uses the top 0.1 % of scores (at least 10, at most 10k)
 HEAVY_TAIL_RULE = "heavy_tailed = excess kurtosis > 3 (Gaussian: 0) and Hill tail index < 4"
+CCDF_POINTS = 64
+CCDF_NOTE = ("fraction_at_least[i] of the scores are >= score[i]; exact from the top scores "
+             "where fraction_at_least * count <= hill_order_statistics, else from the sample")
+WEIGHT_LOG10_RANGE, WEIGHT_BINS = (-8.0, 2.0), 100  # |w| histogram: 0.1-decade bins, 1e-8..1e2
 
 
 def hill_tail_index(top_descending: torch.Tensor) -> float | None:
@@ -65,6 +71,36 @@ def _sample(x: torch.Tensor, size: int) -> torch.Tensor:
     return flat[idx].float().cpu()
 
 
+def ccdf(top: torch.Tensor, sample: torch.Tensor, count: int) -> dict:
+    """P(score >= x) at log-spaced ranks: the tail exact from `top` (descending), the bulk from
+    the deterministic sample; CCDF_POINTS pairs, never all scores."""
+    ranks = torch.logspace(0, math.log10(count), CCDF_POINTS, dtype=torch.float64)
+    ranks = torch.unique(ranks.round().long().clamp(1, count)).tolist()
+    exact = [r for r in ranks if r <= len(top)]
+    sampled = [r for r in ranks if r > len(top)]
+    values = [float(top[r - 1]) for r in exact]
+    if sampled:
+        levels = torch.tensor([1.0 - r / count for r in sampled], dtype=sample.dtype)
+        values += torch.quantile(sample, levels.clamp(0.0, 1.0)).tolist()
+    return {"score": values, "fraction_at_least": [r / count for r in exact + sampled]}
+
+
+def weight_histogram(weights: Iterable[torch.Tensor]) -> dict:
+    """Counts of |w| in log-spaced bins, streamed matrix by matrix."""
+    low, high = WEIGHT_LOG10_RANGE
+    counts = torch.zeros(WEIGHT_BINS, dtype=torch.float64)
+    below = above = total = 0
+    for w in weights:
+        logs = torch.log10(w.detach().float().abs().reshape(-1))
+        below += int((logs < low).sum())
+        above += int((logs > high).sum())
+        total += logs.numel()
+        counts += torch.histc(logs, WEIGHT_BINS, low, high).double().cpu()
+    edges = torch.logspace(low, high, WEIGHT_BINS + 1, dtype=torch.float64)
+    return {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
+            "below": below, "above": above, "count": total}
+
+
 def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict) -> dict:
     q = torch.quantile(sample, torch.tensor(QUANTILES, dtype=sample.dtype))
     median = float(q[0])
@@ -80,13 +116,16 @@ def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict) -> dict:
 
 
 def sensitivity_stats(
-    scores: Mapping[str, torch.Tensor], matrices: Iterable[LogicalMatrix]
+    scores: Mapping[str, torch.Tensor], matrices: Iterable[LogicalMatrix],
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict:
-    """`sensitivity_stats.json`: global and per-matrix distribution summaries."""
+    """`sensitivity_stats.json`: global, per-component and per-matrix distribution summaries;
+    with `weights`, also a histogram of the scored weights' |w|."""
     matrices = list(matrices)
     total = sum(m.view(scores[m.param]).numel() for m in matrices)
     tail_m = int(min(10_000, max(10, total * TAIL_FRACTION)))
     overall, per_layer, samples, tops = _Moments(), {}, [], []
+    by_component: dict[str, list[int]] = {}
     for m in matrices:
         view = m.view(scores[m.param])
         moments = _Moments()
@@ -103,10 +142,32 @@ def sensitivity_stats(
         samples.append(_sample(view, max(16, SAMPLE_PER_MATRIX * flat.numel() * len(matrices)
                                          // max(total, 1))))
         tops.append(top)
+        by_component.setdefault(m.component, []).append(len(tops) - 1)
     global_summary = overall.summary()
     global_top = torch.topk(torch.cat(tops), tail_m).values
-    return {
-        "global": {**global_summary, **_tail(global_top, torch.cat(samples), global_summary)},
+    global_sample = torch.cat(samples)
+    result = {
+        "global": {**global_summary, **_tail(global_top, global_sample, global_summary),
+                   "ccdf": ccdf(global_top, global_sample, total)},
         "heavy_tail_rule": HEAVY_TAIL_RULE,
+        "ccdf_note": CCDF_NOTE,
+        "per_component": {c: _component(idx, matrices, scores, tops, samples, tail_m)
+                          for c, idx in by_component.items()},
         "per_layer": per_layer,
     }
+    if weights is not None:
+        result["weight_abs_histogram"] = weight_histogram(m.view(weights[m.param])
+                                                          for m in matrices)
+    return result
+
+
+def _component(idx: list[int], matrices: list[LogicalMatrix], scores: Mapping[str, torch.Tensor],
+               tops: list[torch.Tensor], samples: list[torch.Tensor], tail_m: int) -> dict:
+    """One component's tail (all its matrices together): Hill index and CCDF."""
+    count = sum(matrices[i].view(scores[matrices[i].param]).numel() for i in idx)
+    merged = torch.cat([tops[i] for i in idx])
+    top = torch.topk(merged, min(tail_m, len(merged))).values
+    local_m = max(10, min(len(top), int(count * TAIL_FRACTION)))
+    return {"count": count, "n_matrices": len(idx), "max": float(top[0]),
+            "hill_tail_index": hill_tail_index(top[:local_m]), "hill_order_statistics": local_m,
+            "ccdf": ccdf(top, torch.cat([samples[i] for i in idx]), count)}

@@ -1,0 +1,174 @@
+"""report.html: one self-contained page that tells a run's story, from its result folder alone.
+
+Images are embedded as base64 and a Content-Security-Policy forbids every fetch, so the page
+opens offline, mailed or archived, exactly as written.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from esa_core.plots import FIGURES, Figures, RunFiles, render
+from esa_core.results import atomic_write_text
+
+TOP_ROWS = 20
+CAPTIONS = {
+    "sensitivity_heatmap.png": "Where the sensitive weights are: per-matrix maximum score and "
+                               "mean score of the selected weights, by layer and component.",
+    "weight_distribution.png": "Score distribution (complementary CDF, log-log) with the top-k "
+                               "cut and the fitted tail index; |w| of the selected weights "
+                               "versus all scored weights.",
+    "stability_analysis.png": "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
+                              "overlap as k grows.",
+    "perturbation_effects.png": "Damage done by perturbing the top-k weights versus the control "
+                                "sets: perplexity change and accuracy drop, every seed shown.",
+}
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
+max-width:1150px;margin:24px auto;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 9px;border-bottom:1px solid #eee;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.num{text-align:right;
+font-variant-numeric:tabular-nums}code,pre{font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
+pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;word-break:break-all}
+.PASS{background:#d7f0e6;font-weight:600}.FAIL{background:#f9dccf;font-weight:600}
+.other{background:#eeeeee}figure{margin:14px 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption,.note{color:#555;font-size:13px}.grid{display:flex;flex-wrap:wrap;gap:0 32px}
+"""
+
+
+def build(folder: str | Path, save_plots: bool = True) -> Path:
+    """`esa report`: re-draw the figures (into plots/ when `save_plots`) and write report.html."""
+    run = RunFiles.read(folder)
+    figures = render(run)
+    if save_plots:
+        figures.save(run.folder / "plots")
+    return write(run, figures)
+
+
+def write(run: RunFiles, figures: Figures) -> Path:
+    path = run.folder / "report.html"
+    atomic_write_text(path, page(run, figures))
+    return path
+
+
+def page(run: RunFiles, figures: Figures) -> str:
+    m = run.manifest
+    status = m.get("status", "unknown")
+    stage = m.get("last_completed_stage")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+        "img-src data:; style-src 'unsafe-inline'\">",
+        f"<title>ESA report: {escape(run.title())}</title><style>{CSS}</style></head><body>",
+        f"<h1>ESA report: {escape(run.title())}</h1>",
+        f"<p class='note'>status <b>{escape(str(status))}</b>"
+        + (f" (last completed stage: {escape(str(stage))})" if stage else "")
+        + f" · ESA {escape(str(m.get('esa_version', '?')))} · started "
+        f"{escape(str(m.get('started_at', '?')))} · finished "
+        f"{escape(str(m.get('finished_at', '?')))}</p>",
+        "<h2>Command</h2>", f"<pre>{escape(shlex.join(map(str, m.get('argv', []))))}</pre>",
+        _criteria(run),
+        "<div class='grid'>",
+        _section("Model", m.get("model", {})),
+        _section("Data", {**m.get("data", {}), "seeds": ", ".join(m.get("seeds", {}))}),
+        _section("Timings (wall seconds)", m.get("timings", {})),
+        _section("Environment", m.get("environment", {})),
+        "</div>",
+        _results(run),
+        _top_weights(run),
+        "<h2>Figures</h2>",
+    ]
+    for name in FIGURES:
+        if name in figures.png:
+            data = base64.b64encode(figures.png[name]).decode("ascii")
+            parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption><code>plots/{name}</code>: {CAPTIONS[name]}"
+                         "</figcaption></figure>")
+        else:
+            parts.append(f"<p class='note'><code>plots/{name}</code> not drawn: "
+                         f"{escape(figures.skipped.get(name, 'not made'))}.</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return f"<td>{'-' if value is None else value}</td>"
+    if isinstance(value, float):
+        return f"<td class='num'>{value:.4g}</td>"
+    if isinstance(value, int):
+        return f"<td class='num'>{value:,}</td>"
+    return f"<td>{escape(str(value))}</td>"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _section(title: str, values: dict[str, Any]) -> str:
+    rows = [[k, v] for k, v in values.items() if not isinstance(v, (dict, list))]
+    return f"<div><h2>{escape(title)}</h2>{_table(['', ''], rows)}</div>"
+
+
+def _criteria(run: RunFiles) -> str:
+    """The success criteria: the manifest's list, else the control analysis's."""
+    rows = run.manifest.get("success_criteria") or (run.control or {}).get("success_criteria")
+    if not rows:
+        return ("<h2>Success criteria</h2><p class='note'>No success criteria in this result "
+                "folder (they come with --stability-check and --perturb ... --controls).</p>")
+    body = []
+    for r in rows:
+        verdict = str(r.get("verdict"))
+        css = verdict if verdict in ("PASS", "FAIL") else "other"
+        body.append("<tr>" + _cell(r.get("criterion")) + _cell(r.get("value"))
+                    + _cell(r.get("threshold")) + f"<td class='{css}'>{escape(verdict)}</td>"
+                    + _cell(r.get("note")) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("criterion", "value", "threshold", "verdict",
+                                             "note"))
+    return f"<h2>Success criteria</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _results(run: RunFiles) -> str:
+    """The headline numbers of the distribution, stability and perturbation stages."""
+    out = []
+    if run.stats:
+        g = run.stats["global"]
+        out.append(_section("Score distribution (all scored weights)", {
+            k: g.get(k) for k in ("count", "mean", "std", "max", "excess_kurtosis",
+                                  "hill_tail_index", "top1_median_ratio", "heavy_tailed")}))
+    if run.stability:
+        s = run.stability
+        out.append(_section("Stability across seeds", {
+            k: s.get(k) for k in ("num_seeds", "jaccard_mean", "jaccard_std",
+                                  "topk_overlap_size")}))
+    if run.perturbation:
+        p = run.perturbation
+        base = p.get("baseline", {})
+        rows = [["baseline", base.get("ppl"), None, base.get("accuracy"), None]]
+        for name in ("super_weights", "random_k", "bottom_k", "magnitude_k"):
+            if isinstance(p.get(name), dict):
+                c = p[name]
+                rows.append([name, c.get("ppl"), c.get("ppl_change"), c.get("accuracy"),
+                             c.get("accuracy_drop")])
+        out.append("<div><h2>Perturbation (means over seeds)</h2>" + _table(
+            ["condition", "PPL", "ΔPPL (relative)", "accuracy", "accuracy drop"], rows)
+            + "</div>")
+    return f"<div class='grid'>{''.join(out)}</div>" if out else ""
+
+
+def _top_weights(run: RunFiles) -> str:
+    if not run.top:
+        return "<h2>Top weights</h2><p class='note'>top_weights.csv is missing.</p>"
+    cols = ["rank", "param", "layer", "component", "expert", "row", "col", "score", "weight"]
+    rows = [[w[c] for c in cols] for w in sorted(run.top, key=lambda w: w["rank"])[:TOP_ROWS]]
+    return (f"<h2>Top {min(TOP_ROWS, len(run.top))} weights (of {len(run.top):,})</h2>"
+            "<p class='note'>the weight is <code>param[row, col]</code>, or "
+            "<code>param[expert, row, col]</code> where an expert is given.</p>"
+            + _table(cols, rows))
