@@ -22,3 +22,11 @@ def registry():
     from esa_core.plugins import registry as load
 
     return load()
+
+
+@pytest.fixture(scope="session")
+def full_result(tmp_path_factory) -> Path:
+    """A result folder with every file a run with all stages writes (see result_folders.py)."""
+    import result_folders
+
+    return result_folders.full_run(tmp_path_factory.mktemp("full-result") / "run")

@@ -70,9 +70,10 @@ def manifest(model_id: str, topk: int, mode: str, argv: list[str]) -> dict:
 
 
 def write_core(folder: Path, layers: int = 30, experts: int = 0, topk: int = 20,
-               mode: str = "per_layer", model_id: str = "SmolLM2-135M-Instruct") -> dict:
+               mode: str = "per_layer", model_id: str = "SmolLM2-135M-Instruct",
+               shape: tuple[int, int] = (16, 24)) -> dict:
     """manifest, sensitivity_stats.json and top_weights.csv of a synthetic run."""
-    matrices, scores, weights = _model(layers, experts)
+    matrices, scores, weights = _model(layers, experts, shape)
     selection = select(scores, matrices, topk, mode)
     write_csv(folder / "top_weights.csv", csv_rows(selection, weights))
     write_json(folder / "sensitivity_stats.json", sensitivity_stats(scores, matrices, weights))

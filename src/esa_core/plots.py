@@ -150,35 +150,50 @@ def _row_key(component: str, expert: int | None) -> tuple:
     return order, component, -1 if expert is None else expert
 
 
-def sensitivity_heatmap(run: RunFiles) -> Figure | str:
-    """Layers across, components (x experts) down; per-matrix max and top-k mean, log colour."""
-    if run.stats is None:
-        return "sensitivity_stats.json is missing"
-    entries = list(run.stats["per_layer"].values())
+@dataclass
+class HeatmapGrid:
+    """Rows (component, expert), columns (layer), and per-cell max, top-k mean and count."""
+
+    rows: list[tuple[str, int | None]]
+    layers: list[int | None]
+    peak: np.ndarray
+    top_mean: np.ndarray
+    count: np.ndarray
+
+
+def heatmap_grid(stats: dict[str, Any], top: list[dict[str, Any]]) -> HeatmapGrid:
+    """The heatmap's numbers: max from the stats, top-k mean and count from top_weights.csv."""
+    entries = list(stats["per_layer"].values())
     rows = sorted({(e["component"], e["expert"]) for e in entries},
                   key=lambda r: _row_key(*r))
     layers = sorted({e["layer"] for e in entries}, key=lambda v: (v is None, v or 0))
     row_of = {r: i for i, r in enumerate(rows)}
     col_of = {v: i for i, v in enumerate(layers)}
     shape = (len(rows), len(layers))
-    peak, top_mean, count = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, int)
+    peak, sums, count = np.full(shape, np.nan), np.zeros(shape), np.zeros(shape, int)
     for e in entries:
         peak[row_of[(e["component"], e["expert"])], col_of[e["layer"]]] = e["max"]
-    sums = np.zeros(shape)
-    for w in run.top:
+    for w in top:
         where = (row_of[(w["component"], w["expert"])], col_of[w["layer"]])
         sums[where] += w["score"]
         count[where] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        top_mean = np.where(count > 0, sums / count, np.nan)
+    top_mean = np.divide(sums, count, out=np.full(shape, np.nan), where=count > 0)
+    return HeatmapGrid(rows, layers, peak, top_mean, count)
 
+
+def sensitivity_heatmap(run: RunFiles) -> Figure | str:
+    """Layers across, components (x experts) down; per-matrix max and top-k mean, log colour."""
+    if run.stats is None:
+        return "sensitivity_stats.json is missing"
+    grid = heatmap_grid(run.stats, run.top)
+    rows, layers, count = grid.rows, grid.layers, grid.count
     height = 0.22 * len(rows) + 1.3
     fig = Figure(figsize=(11, 2 * height + 0.6), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     k = run.config.get("topk", "?")
     per_layer = run.config.get("mode") == "per_layer"
-    panels = [(axes[0], peak, "max score of each matrix"),
-              (axes[1], top_mean, f"mean score of the top-{k} weights in each matrix"
+    panels = [(axes[0], grid.peak, "max score of each matrix"),
+              (axes[1], grid.top_mean, f"mean score of the top-{k} weights in each matrix"
                if per_layer else f"mean score of the global top-{k} weights in each matrix "
                "(numbers: how many; blank: none)")]
     for ax, values, label in panels:
@@ -193,7 +208,8 @@ def sensitivity_heatmap(run: RunFiles) -> Figure | str:
         ax.set_title(label, loc="left")
         _label_rows(ax, rows)
         ax.set_ylabel("component" + (" · expert" if any(e is not None for _, e in rows) else ""))
-    _mark_ranks(axes[0], run.top, row_of, col_of)
+    _mark_ranks(axes[0], run.top, {r: i for i, r in enumerate(rows)},
+                {v: i for i, v in enumerate(layers)})
     if not per_layer:
         _write_counts(axes[1], count)
     axes[1].set_xticks(range(len(layers)), [("—" if v is None else str(v)) for v in layers],
@@ -351,10 +367,7 @@ def stability_analysis(run: RunFiles) -> Figure | str:
     pairs = s.get("pairs") or list(combinations(seeds, 2))
     if len(pairs) != len(s["jaccard_all"]):
         return "stability_summary.json: jaccard_all does not match the seed pairs"
-    index = {seed: i for i, seed in enumerate(seeds)}
-    matrix = np.eye(len(seeds))
-    for (a, b), value in zip(pairs, s["jaccard_all"]):
-        matrix[index[a], index[b]] = matrix[index[b], index[a]] = value
+    matrix = jaccard_matrix(seeds, pairs, s["jaccard_all"])
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=(1, 1.3))
     image = left.imshow(matrix, vmin=0, vmax=1)
@@ -374,6 +387,15 @@ def stability_analysis(run: RunFiles) -> Figure | str:
     _overlap_vs_k(right, s, k)
     fig.suptitle(f"Stability across calibration seeds ({s['num_seeds']} seeds): {run.title()}")
     return fig
+
+
+def jaccard_matrix(seeds: list[int], pairs: list, values: list[float]) -> np.ndarray:
+    """The symmetric seed x seed matrix of the pairwise values (1 on the diagonal)."""
+    index = {seed: i for i, seed in enumerate(seeds)}
+    matrix = np.eye(len(seeds))
+    for (a, b), value in zip(pairs, values):
+        matrix[index[a], index[b]] = matrix[index[b], index[a]] = value
+    return matrix
 
 
 def _overlap_vs_k(ax, s: dict, k: Any) -> None:

@@ -106,15 +106,15 @@ def _cell(value: Any) -> str:
     return f"<td>{escape(str(value))}</td>"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _section(title: str, values: dict[str, Any]) -> str:
     rows = [[k, v] for k, v in values.items() if not isinstance(v, (dict, list))]
-    return f"<div><h2>{escape(title)}</h2>{_table(['', ''], rows)}</div>"
+    return f"<div><h2>{escape(title)}</h2>{_table(None, rows)}</div>"
 
 
 def _criteria(run: RunFiles) -> str:
