@@ -284,7 +284,8 @@ def weight_distribution(run: RunFiles) -> Figure | str:
     ax.set_xlabel(f"{run.config.get('metric', 'score')} score (log)")
     ax.set_ylabel("fraction of weights with score ≥ x (CCDF)")
     ax.set_title("score distribution, complementary CDF", loc="left")
-    ax.legend(loc="upper right", ncols=2 if len(run.stats.get("per_component", {})) > 5 else 1)
+    # a CCDF falls from the top left to the bottom right: the lower left stays empty
+    ax.legend(loc="lower left", ncols=2 if len(run.stats.get("per_component", {})) > 5 else 1)
     _weight_histogram(hist, run)
     fig.suptitle(f"Score and weight distributions: {run.title()}")
     return fig
@@ -523,7 +524,8 @@ def _fit_y(ax, values: list[float]) -> None:
     if len(mags) and mags.max() / mags.min() > 100:
         linthresh = float(10 ** math.floor(math.log10(mags.min())))
         ax.set_yscale("symlog", linthresh=linthresh)
-        ax.set_ylabel(f"{ax.get_ylabel()} (symmetric log; linear within ±{linthresh:g})")
+        ax.set_title(f"symmetric log axis, linear within ±{linthresh:g}", loc="right",
+                     fontsize=7, color="#444444")
         ax.set_ylim(low * 4 if low < -linthresh else -linthresh,
                     high * 4 if high > linthresh else linthresh)
     else:
