@@ -32,14 +32,31 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
-def llama_config(**overrides):
-    from transformers import LlamaConfig
+SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+             tie_word_embeddings=False)
+FAMILIES = {
+    "llama": ("LlamaConfig", SHAPE),
+    "mistral": ("MistralConfig", SHAPE),
+    "qwen2": ("Qwen2Config", SHAPE),
+    "phi3": ("Phi3Config", {**SHAPE, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}),
+    "mixtral": ("MixtralConfig", {**SHAPE, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_neox": ("GPTNeoXConfig", {k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                n_positions=256, tie_word_embeddings=False)),
+}
 
-    settings = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    tie_word_embeddings=False)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+
+def family_config(family: str, **overrides):
+    """A tiny config of one family (hidden 32, 2 layers, 4 heads, grouped kv where it has it)."""
+    import transformers
+
+    cls, settings = FAMILIES[family]
+    return getattr(transformers, cls)(**{**settings, **overrides})
+
+
+def llama_config(**overrides):
+    return family_config("llama", **overrides)
 
 
 def build(config, seed: int = 0):

@@ -7,9 +7,10 @@ Everything a plugin author needs to know is in the docstrings below.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -252,10 +253,19 @@ class ModelAdapter:
             return "lm_head"
         return None
 
-    def matrices(self, name: str, param: nn.Parameter, component: str) -> list[LogicalMatrix]:
-        """Split one parameter into logical matrices (override for fused tensors)."""
+    def layer_of(self, name: str) -> int | None:
+        """Block index of parameter `name`, or None outside the blocks."""
         match = self.layer_pattern.search(name)
-        layer = int(match.group(1)) if match else None
+        return int(match.group(1)) if match else None
+
+    def matrices(self, name: str, param: nn.Parameter, component: str,
+                 model: nn.Module) -> list[LogicalMatrix]:
+        """Split one parameter into logical matrices (override for fused tensors).
+
+        `component` is what `component_of` returned; a fused adapter may return its own label
+        there (e.g. `attn.qkv`) and split it into canonical components here.
+        """
+        layer = self.layer_of(name)
         if param.dim() == 3:
             return [LogicalMatrix(name, layer, component, e) for e in range(param.shape[0])]
         return [LogicalMatrix(name, layer, component)]
@@ -268,8 +278,9 @@ class ModelAdapter:
     ) -> list[ScoredParam]:
         """The weights to score: 2-D (or 3-D expert) weights inside the blocks by default.
 
-        `include`/`exclude` are component names or globs (`mlp.*`); including `embed` or
-        `lm_head` adds those, which are left out by default because their gradients dominate.
+        `include`/`exclude` are component names or globs (`mlp.*`), applied to each logical
+        matrix (so `--include attn.k` keeps only the key rows of a fused qkv tensor); including
+        `embed` or `lm_head` adds those, which are left out by default as their gradients dominate.
         """
         modules = dict(model.named_modules())
         scored: list[ScoredParam] = []
@@ -277,11 +288,23 @@ class ModelAdapter:
             if param.dim() not in (2, 3):
                 continue
             component = self.component_of(name, model)
-            if component is None or not _wanted(component, include, exclude):
+            if component is None:
                 continue
-            owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            scored.append(ScoredParam(name, param, owner, self.matrices(name, param, component)))
+            kept = [m for m in self.matrices(name, param, component, model)
+                    if _wanted(m.component, include, exclude)]
+            if kept:
+                owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+                scored.append(ScoredParam(name, param, owner, kept))
         return scored
+
+    @contextlib.contextmanager
+    def observe(self, model: nn.Module) -> Iterator[dict[str, Any]]:
+        """Facts the family can report about the scoring passes (e.g. an MoE's router load).
+
+        The pipeline keeps this open while scoring and adds the dict, once the block has
+        exited, to `sensitivity_stats.json`. The default observes nothing.
+        """
+        yield {}
 
     def register_activation_hook(self, scored: ScoredParam, callback: ActivationCallback):
         """Call `callback(inputs [tokens, in], outputs [tokens, out], expert)` on every forward.

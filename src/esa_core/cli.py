@@ -71,6 +71,9 @@ def run_command(
                                           "128 on a CPU."),
     batch_size: int = typer.Option(1, help="Blocks per forward/backward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device_map: str | None = typer.Option(
+        None, help="Spread the model over the GPUs (and CPU) with accelerate: auto, balanced, "
+        "balanced_low_0 or sequential; --device is then ignored for placement."),
     eval_samples: int | None = typer.Option(
         None, help="Held-out evaluation blocks. Default: 64 on a GPU, 16 on a CPU."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing result folder."),
@@ -95,7 +98,8 @@ def run_command(
             seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
             verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
             perturb_prob=perturb_prob, controls=parse_list(controls), dataset=dataset,
-            seq_len=seq_len, batch_size=batch_size, device=device, eval_samples=eval_samples,
+            seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
+            eval_samples=eval_samples,
             overwrite=overwrite, trust_remote_code=trust_remote_code, adapter=adapter,
             include=parse_list(include), exclude=parse_list(exclude),
             metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,

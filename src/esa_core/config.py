@@ -14,6 +14,7 @@ from esa_core.selection import MODES
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ACCUM_DTYPES = ("fp32", "bf16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 CONTROLS = ("random_k", "bottom_k", "magnitude_k")
 
 # Defaults for the embedded model on a CPU: small enough to finish in well under two minutes.
@@ -85,6 +86,7 @@ class RunConfig:
     seq_len: int | None = None
     batch_size: int = 1
     device: str = "auto"
+    device_map: str | None = None
     eval_samples: int | None = None
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -103,6 +105,8 @@ class RunConfig:
             raise unknown_choice("dtype", self.dtype, DTYPE_CHOICES)
         if self.device not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise unknown_choice("device", self.device, DEVICE_CHOICES)
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise unknown_choice("device map", self.device_map, DEVICE_MAPS)
         if self.accum_dtype not in ACCUM_DTYPES:
             raise unknown_choice("accumulator dtype", self.accum_dtype, ACCUM_DTYPES)
         if self.topk <= 0:

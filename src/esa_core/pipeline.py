@@ -142,7 +142,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         adapter = choose_adapter(registry, model_config.model_type, config.adapter)
         dtype = loading.pick_dtype(config.dtype, device)
         model, tokenizer = adapter.load(source, dtype, device,
-                                        trust_remote_code=config.trust_remote_code)
+                                        trust_remote_code=config.trust_remote_code,
+                                        device_map=config.device_map)
         scored = adapter.scored_params(model, config.include, config.exclude)
         if not scored:
             raise EsaError(f"no weights to score in {source.model_id} with adapter "
@@ -161,14 +162,14 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                          device, dtype, registry, started_at)
     write_json(out_dir / "experiment_manifest.json", {**manifest, "status": "running"})
     try:
-        with stages.stage("scoring"):
+        with stages.stage("scoring"), adapter.observe(model) as observed:
             mean_scores, seed_scores_top = _score_seeds(config, model, adapter, scored, metric,
                                                         tokens)
         matrices = [m for s in scored for m in s.matrices]
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
-            stats = sensitivity_stats(mean_scores, matrices, params)
+            stats = {**sensitivity_stats(mean_scores, matrices, params), **observed}
             write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
             write_json(out_dir / "sensitivity_stats.json", stats)
         # Later stages, each in its own module, each reading what the earlier ones produced:

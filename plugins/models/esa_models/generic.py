@@ -1,8 +1,16 @@
-"""Any causal LM: every 2-D weight inside the blocks; the component guessed from common names."""
+"""Any causal LM: every 2-D weight inside the blocks; the component guessed from common names.
+
+The generic adapter never splits a fused tensor: it cannot know a family's layout, and a wrong
+split would mislabel weights. A fused tensor (GPT-2's `c_attn`, Falcon's `query_key_value`, ...)
+is one matrix of component `other`. Its CSV row/col still index the real parameter, so for a
+GPT-2 `Conv1D`, which stores its weight as [in, out], the row is the input feature and the
+column the output unit (the transpose of nn.Linear's [out, in]).
+"""
 
 from torch import nn
 
-from esa_core.api import ModelAdapter
+from esa_core.api import ActivationCallback, ModelAdapter, ScoredParam
+from esa_core.errors import EsaError
 
 GUESSES = (
     (("q_proj", "query", "wq", "q_lin"), "attn.q"),
@@ -32,3 +40,13 @@ class GenericAdapter(ModelAdapter):
             if any(leaf.endswith(s) for s in suffixes):
                 return component
         return "other"
+
+    def register_activation_hook(self, scored: ScoredParam, callback: ActivationCallback):
+        """As for nn.Linear; refused for [in, out] weights, which activation metrics misread."""
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(scored.module, Conv1D):
+            raise EsaError(
+                f"{scored.name} is a Conv1D weight stored as [in, out]; activation metrics "
+                "expect [out, in]. Use a gradient metric for this model.")
+        return super().register_activation_hook(scored, callback)
