@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, unknown_choice
 
 COMPONENTS = (
     "attn.q", "attn.k", "attn.v", "attn.o",
@@ -282,6 +282,9 @@ class ModelAdapter:
         matrix (so `--include attn.k` keeps only the key rows of a fused qkv tensor); including
         `embed` or `lm_head` adds those, which are left out by default as their gradients dominate.
         """
+        for pattern in (*include, *exclude):
+            if not any(fnmatch.fnmatchcase(c, pattern) for c in COMPONENTS):
+                raise unknown_choice("component", pattern, COMPONENTS)
         modules = dict(model.named_modules())
         scored: list[ScoredParam] = []
         for name, param in model.named_parameters():

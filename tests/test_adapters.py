@@ -1,0 +1,350 @@
+"""Model adapters on tiny models of every family: coordinates, fused splits, experts, full runs.
+
+Each claim is checked against something the adapter did not compute: the q/k/v tensors the
+model's attention really receives, the routing its router really chose, the per-expert tensors
+of the checkpoint on disk, a model rebuilt from the same seed.
+"""
+
+import contextlib
+import csv
+import json
+
+import pytest
+import tiny
+import torch
+from safetensors import safe_open
+from torch.nn import functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from typer.testing import CliRunner
+
+from esa_core.cli import app
+from esa_core.errors import EsaError
+from esa_core.pipeline import choose_adapter
+from esa_core.selection import select
+
+ATTN = {"attn.q", "attn.k", "attn.v", "attn.o"}
+MLP = {"mlp.gate", "mlp.up", "mlp.down"}
+EXPECTED = {  # family -> (adapter chosen by model_type, components it finds)
+    "llama": ("llama", ATTN | MLP),
+    "mistral": ("mistral", ATTN | MLP),
+    "phi3": ("phi3", ATTN | MLP),
+    "mixtral": ("mixtral", ATTN | {"moe.router", "moe.gate", "moe.up", "moe.down"}),
+    "gpt_neox": ("gpt_neox", ATTN | {"mlp.up", "mlp.down"}),
+    "qwen2": ("generic", ATTN | MLP),
+    "gpt2": ("generic", {"other", "attn.o", "mlp.up", "mlp.down"}),
+}
+
+
+def adapted(family: str, registry, **overrides):
+    model = tiny.build(tiny.family_config(family, **overrides))
+    return model, choose_adapter(registry, model.config.model_type, None)
+
+
+def matrices_of(scored):
+    return [m for s in scored for m in s.matrices]
+
+
+def index_of(matrix, rows, cols):
+    return (rows, cols) if matrix.expert is None else (torch.full_like(rows, matrix.expert),
+                                                        rows, cols)
+
+
+@pytest.mark.parametrize("family", EXPECTED)
+def test_every_scored_weight_maps_back_to_its_parameter_once(family, registry):
+    model, adapter = adapted(family, registry)
+    expected_adapter, components = EXPECTED[family]
+    scored = adapter.scored_params(model)
+    matrices = matrices_of(scored)
+    assert adapter.name == expected_adapter
+    assert {m.component for m in matrices} == components
+    # a distinct score per weight: a coordinate that points elsewhere reads another score
+    scores = {s.name: torch.randperm(s.param.numel()).view(s.param.shape).float() for s in scored}
+    every = sum(m.view(scores[m.param]).numel() for m in matrices)
+    hits = {s.name: torch.zeros(s.param.shape) for s in scored}
+    for picks in select(scores, matrices, every, "global").picks:
+        index = index_of(picks.matrix, picks.rows, picks.cols)
+        assert torch.equal(scores[picks.matrix.param][index], picks.scores)
+        hits[picks.matrix.param].index_put_(index, torch.ones(len(picks)), accumulate=True)
+    assert all(torch.equal(h, torch.ones_like(h)) for h in hits.values())  # each weight once
+    for m in matrices:  # MoE matrices carry their expert, everything else none
+        assert (m.expert is not None) == (m.component in {"moe.gate", "moe.up", "moe.down"})
+
+
+@contextlib.contextmanager
+def bumped(param: torch.Tensor, index: tuple):
+    """param[index] += 1 for the block, then the original value back bit for bit."""
+    original = param.detach()[index].clone()
+    with torch.no_grad():
+        param[index] += 1.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            param[index] = original
+
+
+class AttentionProbe:
+    """Records the query, key and value tensors the model's attention function receives."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+        AttentionInterface.register("esa_probe", self)
+
+    def __call__(self, module, query, key, value, *args, **kwargs):
+        self.seen[module.layer_idx] = {"attn.q": query, "attn.k": key, "attn.v": value}
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    def run(self, model, ids) -> dict[int, dict[str, torch.Tensor]]:
+        model.config._attn_implementation = "esa_probe"
+        with torch.no_grad():
+            model(input_ids=ids)
+        return {layer: dict(t) for layer, t in self.seen.items()}
+
+
+def changed_heads(before: torch.Tensor, after: torch.Tensor) -> set[int]:
+    """Heads (axis 1 of [batch, heads, tokens, head_dim]) whose values changed."""
+    return set((before != after).any(dim=(0, 2, 3)).nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+def test_fused_qkv_rows_change_only_their_own_projection_and_head(family, registry):
+    """Bump one weight of each q/k/v matrix: only that tensor, in only that head, moves."""
+    model, adapter = adapted(family, registry)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    probe, ids = AttentionProbe(), tiny.blocks(1)
+    before = probe.run(model, ids)
+    fused = [m for m in matrices_of(adapter.scored_params(model))
+             if m.rows is not None and m.component.startswith("attn.") and m.layer == 1]
+    assert sorted(m.component for m in fused) == ["attn.k", "attn.q", "attn.v"]
+    param = dict(model.named_parameters())[fused[0].param]
+    for m in fused:
+        for local in (0, d + 1, len(m.rows) - 1):
+            row = int(m.real_row(torch.tensor(local)))
+            with bumped(param, (row, 3)):
+                after = probe.run(model, ids)[1]
+            moved = {c: changed_heads(before[1][c], after[c]) for c in after}
+            assert moved == {c: ({local // d} if c == m.component else set()) for c in moved}
+
+
+def test_phi3_gate_up_rows_feed_the_activation_and_the_product(registry):
+    """Phi3MLP: gate rows reach the activation's input; up rows only the down projection's."""
+    model, adapter = adapted("phi3", registry)
+    mlp = model.model.layers[0].mlp
+    seen = {}
+    hooks = [mlp.activation_fn.register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("act_in", a[0].clone())),
+             mlp.down_proj.register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("down_in", a[0].clone()))]
+    ids = tiny.blocks(1)
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids)
+        return dict(seen)
+
+    before = forward()
+    split = [m for m in matrices_of(adapter.scored_params(model))
+             if m.param == "model.layers.0.mlp.gate_up_proj.weight"]
+    assert [m.component for m in split] == ["mlp.gate", "mlp.up"]
+    for m in split:
+        local = 5
+        row = int(m.real_row(torch.tensor(local)))
+        with bumped(mlp.gate_up_proj.weight, (row, 0)):
+            after = forward()
+        act_cols = set((before["act_in"] != after["act_in"]).any(0).any(0).nonzero().flatten()
+                       .tolist())
+        down_cols = set((before["down_in"] != after["down_in"]).any(0).any(0).nonzero()
+                        .flatten().tolist())
+        assert act_cols == ({local} if m.component == "mlp.gate" else set())
+        assert down_cols == {local}
+    for h in hooks:
+        h.remove()
+
+
+class Routing:
+    """The MoE block's input tokens and the experts the router chose for each (layer 0)."""
+
+    def __init__(self, model) -> None:
+        moe = model.model.layers[0].mlp
+        self.hooks = [
+            moe.register_forward_pre_hook(lambda m, a: setattr(self, "x", a[0].flatten(0, 1))),
+            moe.gate.register_forward_hook(lambda m, a, o: setattr(self, "chosen", o[2])),
+            moe.experts.register_forward_hook(lambda m, a, o: setattr(self, "out", o)),
+        ]
+
+    def tokens_of(self, expert: int) -> torch.Tensor:
+        return (self.chosen == expert).any(-1).nonzero().flatten()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def test_mixtral_expert_weights_change_only_tokens_routed_to_that_expert(registry):
+    model, adapter = adapted("mixtral", registry)
+    routing, ids = Routing(model), tiny.blocks(1, seq_len=32)
+    with torch.no_grad():
+        model(input_ids=ids)
+    before = routing.out.clone()
+    experts = model.model.layers[0].mlp.experts
+    for m in matrices_of(adapter.scored_params(model)):
+        if m.layer != 0 or m.expert is None or m.expert % 2:
+            continue
+        param = dict(model.named_parameters())[m.param]
+        index = (m.expert, int(m.real_row(torch.tensor(1))), 2)
+        with bumped(param, index), torch.no_grad():
+            model(input_ids=ids)
+        moved = set((routing.out != before).any(-1).nonzero().flatten().tolist())
+        assert moved == set(routing.tokens_of(m.expert).tolist()) != set()
+    assert experts.gate_up_proj.dim() == 3
+    routing.remove()
+
+
+def test_mixtral_activation_hooks_see_only_each_experts_routed_tokens(registry):
+    """Inputs/outputs per expert, rebuilt by hand from the router's choice; router load too."""
+    model, adapter = adapted("mixtral", registry)
+    scored = {s.name: s for s in adapter.scored_params(model)}
+    prefix = "model.layers.0.mlp."
+    got: dict[tuple[str, int | None], list] = {}
+    handles = [adapter.register_activation_hook(
+                   scored[prefix + name],
+                   lambda x, y, e, name=name: got.setdefault((name, e), []).append((x, y)))
+               for name in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")]
+    routing, ids = Routing(model), tiny.blocks(2, seq_len=24)
+    with adapter.observe(model) as observed, torch.no_grad():
+        model(input_ids=ids)
+    experts, router = model.model.layers[0].mlp.experts, model.model.layers[0].mlp.gate
+    x = routing.x
+    torch.testing.assert_close(got[("gate.weight", None)][0][1], x @ router.weight.T)
+    # the router's own choice, recomputed: top-2 of the softmax of its logits
+    chosen = torch.topk(torch.softmax(x @ router.weight.T, -1), 2, dim=-1).indices
+    assert torch.equal(chosen.sort(-1).values, routing.chosen.sort(-1).values)
+    half = experts.gate_up_proj.shape[1] // 2
+    for e in range(experts.num_experts):
+        tokens = (chosen == e).any(-1).nonzero().flatten()
+        xe = x[tokens]
+        gate_up = xe @ experts.gate_up_proj[e].T
+        hidden = F.silu(gate_up[:, :half]) * gate_up[:, half:]
+        [(x_in, y_out)] = got[("experts.gate_up_proj", e)]
+        torch.testing.assert_close(x_in, xe)
+        torch.testing.assert_close(y_out, gate_up)
+        [(h_in, d_out)] = got[("experts.down_proj", e)]
+        torch.testing.assert_close(h_in, hidden)
+        torch.testing.assert_close(d_out, hidden @ experts.down_proj[e].T)
+    load = observed["router_load"]["per_layer"]["layers.0"]
+    assert load == torch.bincount(chosen.flatten(), minlength=experts.num_experts).tolist()
+    assert sum(load) == ids.numel() * 2
+    for h in (*handles, routing):
+        h.remove()
+
+
+@pytest.mark.parametrize(("family", "include", "exclude", "expected"), [
+    ("phi3", ["attn.k"], [], {"attn.k"}),
+    ("phi3", [], ["attn.q", "mlp.*"], {"attn.k", "attn.v", "attn.o"}),
+    ("mixtral", ["moe.down", "mlp.down"], [], {"moe.down"}),
+    ("mixtral", [], ["moe.*"], ATTN),
+    ("llama", ["embed", "lm_head"], [], ATTN | MLP | {"embed", "lm_head"}),
+    ("gpt_neox", ["embed", "attn.*"], [], ATTN | {"embed"}),
+])
+def test_include_exclude_pick_logical_matrices(family, include, exclude, expected, registry):
+    model, adapter = adapted(family, registry)
+    matrices = matrices_of(adapter.scored_params(model, include, exclude))
+    assert {m.component for m in matrices} == expected
+    if family == "phi3" and include == ["attn.k"]:  # only the key rows of the fused qkv tensor
+        assert {len(m.rows) for m in matrices} == {2 * 8}
+
+
+def test_unknown_component_in_a_filter_is_an_error(registry):
+    model, adapter = adapted("llama", registry)
+    with pytest.raises(EsaError, match="unknown component 'atn.q'.*attn.q"):
+        adapter.scored_params(model, include=["mlp.down", "atn.q"])
+
+
+def test_fused_sizes_that_do_not_fit_the_tensor_are_refused(registry):
+    model, _ = adapted("phi3", registry)
+    model.config.num_key_value_heads = 4  # as if the wrong adapter met this checkpoint
+    with pytest.raises(EsaError, match="do not split exactly"):
+        registry.get("model adapter", "phi3")().scored_params(model)
+
+
+def test_generic_adapter_refuses_activations_of_transposed_conv1d(registry):
+    model, adapter = adapted("gpt2", registry)
+    [c_attn] = [s for s in adapter.scored_params(model) if s.name.endswith("0.attn.c_attn.weight")]
+    assert c_attn.matrices[0].component == "other" and c_attn.matrices[0].rows is None
+    with pytest.raises(EsaError, match="Conv1D"):
+        adapter.register_activation_hook(c_attn, lambda x, y, e: None)
+
+
+def reference_weight(family, folder, model, row) -> float:
+    """The weight a CSV row names, read from the built model or, for the old Mixtral per-expert
+    checkpoint layout that transformers 5 writes, straight from the safetensors file."""
+    param = dict(model.named_parameters())[row["param"]].detach()
+    r, c = int(row["row"]), int(row["col"])
+    if family != "mixtral" or param.dim() != 3:
+        return float(param[r, c])
+    e, half = int(row["expert"]), param.shape[1] // 2
+    layer = f"model.layers.{row['layer']}.block_sparse_moe.experts.{e}."
+    name, r = {"moe.gate": ("w1", r), "moe.up": ("w3", r - half), "moe.down": ("w2", r)}[
+        row["component"]]
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return float(f.get_tensor(f"{layer}{name}.weight")[r, c])
+
+
+@pytest.mark.parametrize("family", EXPECTED)
+def test_esa_run_on_a_saved_tiny_model_indexes_the_true_weights(family, tmp_path):
+    config = tiny.family_config(family)
+    folder = tiny.save(config, tmp_path / family)
+    text = tmp_path / "calibration.txt"
+    text.write_text(tiny.wikitext_sample(30_000), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(folder), "--metric", "grad_x_weight", "--mode", "per_layer",
+            "--topk", "5", "--max-samples", "2", "--seq-len", "16", "--eval-samples", "2",
+            "--dataset", str(text), "--device", "cpu", "--out-dir", str(out)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    with open(out / "top_weights.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["model"]["adapter"] == EXPECTED[family][0]
+    assert len(rows) == 5 * manifest["model"]["n_matrices"]
+    assert {r["component"] for r in rows} == EXPECTED[family][1]
+    model = tiny.build(config)  # same seed as the saved folder: the true weights
+    for row in rows:
+        assert float(row["weight"]) == reference_weight(family, folder, model, row), row
+        assert (row["expert"] != "") == row["component"].startswith(("moe.gate", "moe.up",
+                                                                     "moe.down"))
+    stats = json.loads((out / "sensitivity_stats.json").read_text())
+    if family == "mixtral":
+        load = stats["router_load"]["per_layer"]
+        assert set(load) == {"layers.0", "layers.1"}
+        assert all(sum(v) == 2 * 16 * 2 for v in load.values())  # blocks * tokens * top_k
+        assert "layers.1.moe.up.expert3" in stats["per_layer"]
+    else:
+        assert "router_load" not in stats
+
+
+def test_device_map_reaches_the_loader(tiny_llama_dir, tmp_path, monkeypatch):
+    """--device-map is handed to from_pretrained (accelerate places the model) and recorded."""
+    import transformers
+
+    asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    text = tmp_path / "calibration.txt"
+    text.write_text(tiny.wikitext_sample(30_000), encoding="utf-8")
+    argv = ["run", "--model", str(tiny_llama_dir), "--device-map", "auto", "--topk", "2",
+            "--max-samples", "1", "--seq-len", "16", "--eval-samples", "1", "--dataset",
+            str(text), "--out-dir", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert asked == ["auto"]
+    manifest = json.loads((tmp_path / "out" / "experiment_manifest.json").read_text())
+    assert manifest["config"]["device_map"] == "auto"
+    bad = CliRunner().invoke(app, [*argv[:3], "--device-map", "everywhere"])
+    assert bad.exit_code == 2 and "unknown device map 'everywhere'" in bad.output
