@@ -18,7 +18,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from typer.testing import CliRunner
 
+from esa_core.api import ACTIVATIONS, Metric
 from esa_core.cli import app
+from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
 from esa_core.pipeline import choose_adapter
 from esa_core.selection import select
@@ -237,6 +239,35 @@ def test_mixtral_activation_hooks_see_only_each_experts_routed_tokens(registry):
     assert sum(load) == ids.numel() * 2
     for h in (*handles, routing):
         h.remove()
+
+
+class RoutedTokens(Metric):
+    """Test metric: counts the tokens the engine shows each matrix (in its [0, 0] score)."""
+
+    name = "routed_tokens"
+    needs = frozenset({ACTIVATIONS})
+
+    def on_activations(self, state, weight, inputs, outputs):
+        assert inputs.shape[1] == weight.shape[1] and outputs.shape[1] == weight.shape[0]
+        state[0, 0] += len(inputs)
+
+    def finalize(self, state, weight, num_batches):
+        return state
+
+
+def test_activation_metrics_on_mixtral_see_the_router_load_per_expert(registry):
+    model, adapter = adapted("mixtral", registry)
+    scored = adapter.scored_params(model)
+    blocks = tiny.blocks(3, seq_len=16)
+    with adapter.observe(model) as observed:
+        scores = ScoringRun(model, adapter, scored, RoutedTokens(),
+                            progress=False).score(blocks, seed=0)
+    for layer, load in observed["router_load"]["per_layer"].items():
+        for name in ("experts.gate_up_proj", "experts.down_proj"):
+            seen = scores[f"model.{layer}.mlp.{name}"][:, 0, 0]
+            assert seen.tolist() == load
+        assert scores[f"model.{layer}.mlp.gate.weight"][0, 0] == blocks.numel()
+    assert scores["model.layers.0.self_attn.q_proj.weight"][0, 0] == blocks.numel()
 
 
 @pytest.mark.parametrize(("family", "include", "exclude", "expected"), [
