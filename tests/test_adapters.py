@@ -35,6 +35,7 @@ EXPECTED = {  # family -> (adapter chosen by model_type, components it finds)
     "gpt_neox": ("gpt_neox", ATTN | {"mlp.up", "mlp.down"}),
     "qwen2": ("generic", ATTN | MLP),
     "gpt2": ("generic", {"other", "attn.o", "mlp.up", "mlp.down"}),
+    "qwen2_moe": ("generic", ATTN | MLP | {"other"}),
 }
 
 
@@ -69,8 +70,11 @@ def test_every_scored_weight_maps_back_to_its_parameter_once(family, registry):
         assert torch.equal(scores[picks.matrix.param][index], picks.scores)
         hits[picks.matrix.param].index_put_(index, torch.ones(len(picks)), accumulate=True)
     assert all(torch.equal(h, torch.ones_like(h)) for h in hits.values())  # each weight once
-    for m in matrices:  # MoE matrices carry their expert, everything else none
-        assert (m.expert is not None) == (m.component in {"moe.gate", "moe.up", "moe.down"})
+    params = dict(model.named_parameters())
+    for m in matrices:  # each expert's slice of a 3-D tensor carries its expert, nothing else
+        assert (m.expert is not None) == (params[m.param].dim() == 3)
+        assert m.expert is not None or not m.component.startswith(("moe.gate", "moe.up",
+                                                                  "moe.down"))
 
 
 @contextlib.contextmanager
@@ -312,9 +316,11 @@ def reference_weight(family, folder, model, row) -> float:
     checkpoint layout that transformers 5 writes, straight from the safetensors file."""
     param = dict(model.named_parameters())[row["param"]].detach()
     r, c = int(row["row"]), int(row["col"])
-    if family != "mixtral" or param.dim() != 3:
+    if param.dim() == 2:
         return float(param[r, c])
     e, half = int(row["expert"]), param.shape[1] // 2
+    if family != "mixtral":
+        return float(param[e, r, c])
     layer = f"model.layers.{row['layer']}.block_sparse_moe.experts.{e}."
     name, r = {"moe.gate": ("w1", r), "moe.up": ("w3", r - half), "moe.down": ("w2", r)}[
         row["component"]]
@@ -343,8 +349,7 @@ def test_esa_run_on_a_saved_tiny_model_indexes_the_true_weights(family, tmp_path
     model = tiny.build(config)  # same seed as the saved folder: the true weights
     for row in rows:
         assert float(row["weight"]) == reference_weight(family, folder, model, row), row
-        assert (row["expert"] != "") == row["component"].startswith(("moe.gate", "moe.up",
-                                                                     "moe.down"))
+        assert (row["expert"] != "") == (model.get_parameter(row["param"]).dim() == 3)
     stats = json.loads((out / "sensitivity_stats.json").read_text())
     if family == "mixtral":
         load = stats["router_load"]["per_layer"]

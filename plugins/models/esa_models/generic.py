@@ -2,9 +2,10 @@
 
 The generic adapter never splits a fused tensor: it cannot know a family's layout, and a wrong
 split would mislabel weights. A fused tensor (GPT-2's `c_attn`, Falcon's `query_key_value`, ...)
-is one matrix of component `other`. Its CSV row/col still index the real parameter, so for a
-GPT-2 `Conv1D`, which stores its weight as [in, out], the row is the input feature and the
-column the output unit (the transpose of nn.Linear's [out, in]).
+is one matrix of component `other`, and so is each expert's slice of a fused 3-D expert tensor
+(Qwen2-MoE, OLMoE: `experts.gate_up_proj`, `experts.down_proj`). CSV row/col still index the
+real parameter, so for a GPT-2 `Conv1D`, which stores its weight as [in, out], the row is the
+input feature and the column the output unit (the transpose of nn.Linear's [out, in]).
 """
 
 from torch import nn
@@ -34,7 +35,9 @@ class GenericAdapter(ModelAdapter):
             return self.outside_component(name, model)
         stem = name.removesuffix(".weight")
         if stem == name:
-            return None  # biases, norms' scales and other non-weight tensors
+            # a 3-D tensor without `.weight` is a transformers-5 fused expert tensor
+            # (`experts.gate_up_proj`): scored one matrix per expert, as `other`
+            return "other" if model.get_parameter(name).dim() == 3 else None
         leaf = stem[match.end():]
         for suffixes, component in GUESSES:
             if any(leaf.endswith(s) for s in suffixes):
