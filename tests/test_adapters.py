@@ -311,6 +311,16 @@ def test_generic_adapter_refuses_activations_of_transposed_conv1d(registry):
         adapter.register_activation_hook(c_attn, lambda x, y, e: None)
 
 
+def test_generic_adapter_leaves_a_fused_tensor_whole_as_other(registry):
+    model = tiny.build(tiny.family_config("gpt_neox"))
+    generic = registry.get("model adapter", "generic")()
+    found = {s.name.split(".", 3)[-1]: [m.component for m in s.matrices]
+             for s in generic.scored_params(model) if ".layers.0." in s.name}
+    assert found == {"attention.query_key_value.weight": ["other"],
+                     "attention.dense.weight": ["attn.o"], "mlp.dense_h_to_4h.weight": ["mlp.up"],
+                     "mlp.dense_4h_to_h.weight": ["mlp.down"]}
+
+
 def reference_weight(family, folder, model, row) -> float:
     """The weight a CSV row names, read from the built model or, for the old Mixtral per-expert
     checkpoint layout that transformers 5 writes, straight from the safetensors file."""

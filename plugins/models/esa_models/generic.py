@@ -39,8 +39,8 @@ class GenericAdapter(ModelAdapter):
             # (`experts.gate_up_proj`): scored one matrix per expert, as `other`
             return "other" if model.get_parameter(name).dim() == 3 else None
         leaf = stem[match.end():]
-        for suffixes, component in GUESSES:
-            if any(leaf.endswith(s) for s in suffixes):
+        for suffixes, component in GUESSES:  # whole name segments: `query_key_value` != `value`
+            if any(leaf == s or leaf.endswith(f".{s}") for s in suffixes):
                 return component
         return "other"
 
