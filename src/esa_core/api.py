@@ -263,7 +263,7 @@ class ModelAdapter:
         """Split one parameter into logical matrices (override for fused tensors).
 
         `component` is what `component_of` returned; a fused adapter may return its own label
-        there (e.g. `attn.qkv`) and split it into canonical components here.
+        there (e.g. `fused.qkv`) and split it into canonical components here.
         """
         layer = self.layer_of(name)
         if param.dim() == 3:
