@@ -25,7 +25,7 @@ GUESSES = (
 
 
 class GenericAdapter(ModelAdapter):
-    """Fallback for any causal LM: 2-D weights in the blocks, component `other` when unsure."""
+    """Fallback for any causal LM: the blocks' weights (per expert if 3-D), `other` when unsure."""
 
     name = "generic"
 
