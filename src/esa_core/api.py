@@ -100,6 +100,10 @@ class Metric(Configurable):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: How states from several ranks (torchrun) combine before `finalize`: "sum" for states that
+    #: add up over batches (the default), "max" or "min" for running extremes. Every tensor in
+    #: the state is reduced this way, so a state is a tensor or a tuple/list/dict of tensors.
+    state_reduce: ClassVar[str] = "sum"
     #: Hessian-vector probes per batch (HVP metrics only).
     probes: int = 1
 

@@ -86,10 +86,13 @@ def run_command(
     metric_arg: list[str] | None = typer.Option(None, help="Metric option key=value "
                                                    "(repeatable)."),
     accum_dtype: str = typer.Option("fp32", help="Score accumulator dtype: fp32 or bf16."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory for long --seq-len."),
 ) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
     _setup_logging(verbose)
-    from esa_core import pipeline
+    from esa_core import distributed, pipeline
     from esa_core.config import RunConfig, parse_list, parse_metric_args
 
     try:
@@ -103,6 +106,7 @@ def run_command(
             overwrite=overwrite, trust_remote_code=trust_remote_code, adapter=adapter,
             include=parse_list(include), exclude=parse_list(exclude),
             metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
+            gradient_checkpointing=gradient_checkpointing,
         )
         result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
     except EsaError as exc:
@@ -111,7 +115,8 @@ def run_command(
         typer.echo("Interrupted: the result folder's manifest says which stage completed.",
                    err=True)
         raise typer.Exit(130) from None
-    typer.echo(f"Results written to {result.out_dir}")
+    if distributed.is_main():
+        typer.echo(f"Results written to {result.out_dir}")
 
 
 @app.command("report")

@@ -95,6 +95,7 @@ class RunConfig:
     exclude: list[str] = field(default_factory=list)
     metric_args: dict[str, str] = field(default_factory=dict)
     accum_dtype: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def validate(self, registry: Registry) -> RunConfig:
         """Check every choice against the installed plugins; raise EsaError on the first problem."""

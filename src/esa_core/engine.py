@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from esa_core import distributed
 from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
+from esa_core.checkpointing import checkpointed
 from esa_core.errors import EsaError
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class ScoringRun:
         accum_dtype: torch.dtype = torch.float32,
         batch_size: int = 1,
         progress: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -83,7 +86,8 @@ class ScoringRun:
         self.metric = metric
         self.accum_dtype = accum_dtype
         self.batch_size = batch_size
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
+        self.gradient_checkpointing = gradient_checkpointing
         self.device = next(model.parameters()).device
 
     def _states(self) -> dict[Slot, object]:
@@ -94,12 +98,24 @@ class ScoringRun:
         }
 
     def score(self, blocks: torch.Tensor, seed: int, label: str = "") -> dict[str, torch.Tensor]:
-        """Scores of every scored parameter (parameter-shaped, accum dtype) over `blocks`."""
+        """Scores of every scored parameter (parameter-shaped, accum dtype) over `blocks`.
+
+        Under torchrun each rank takes its share of the batches and the states are reduced
+        across ranks before `finalize`, so every rank returns the single-process scores.
+        """
         needs = self.metric.needs
         states = self._states()
+        if self.device.type == "cuda":
+            blocks = blocks.pin_memory()  # so each batch's copy below is truly asynchronous
         batches = list(blocks.split(self.batch_size)) if needs else []
-        probe_generator = torch.Generator(device=self.device).manual_seed(seed)
+        probe_generator = torch.Generator(device=self.device)
         with contextlib.ExitStack() as stack:
+            if self.gradient_checkpointing and needs & {GRAD, HVP}:
+                if ACTIVATIONS in needs:
+                    raise EsaError(f"--gradient-checkpointing cannot serve metric "
+                                   f"'{self.metric.name}': recomputing the blocks in the backward "
+                                   "pass would show it every activation twice.")
+                stack.enter_context(checkpointed(self.model))
             if ACTIVATIONS in needs:
                 for s in self.scored:
                     stack.callback(self._tap_activations(s, states).remove)
@@ -109,17 +125,20 @@ class ScoringRun:
                     stack.callback(self._tap_grad(s, states).remove)
             elif HVP in needs:
                 stack.enter_context(only_scored_require_grad(self.model, self.scored))
-            bar = tqdm(batches, desc=f"scoring {label}".strip(), unit="batch",
-                       disable=None if self.progress else True, leave=False)
-            for batch in bar:
-                batch = batch.to(self.device, non_blocking=True)
+            bar = tqdm(distributed.shard(range(len(batches))), desc=f"scoring {label}".strip(),
+                       unit="batch", disable=None if self.progress else True, leave=False)
+            for index in bar:
+                batch = batches[index].to(self.device, non_blocking=True)
                 if HVP in needs:
+                    # probes depend on (seed, batch) alone: the same on any number of ranks
+                    probe_generator.manual_seed(seed << 32 | index)
                     self._hvp_step(batch, states, probe_generator)
                 elif GRAD in needs:
                     batch_loss(self.model, batch).backward()
                 else:
                     with torch.no_grad():
                         self.model(input_ids=batch, use_cache=False)
+        distributed.all_reduce(states, self.metric.state_reduce)
         return self._finalize(states, len(batches))
 
     def _tap_grad(self, s: ScoredParam, states: dict[Slot, object]):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from esa_core import __version__, data, loading, plots, report
+from esa_core import __version__, data, distributed, loading, plots, report
 from esa_core.api import Metric, ModelAdapter, ScoredParam
 from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
@@ -97,6 +97,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
+        "world_size": distributed.world_size(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -133,7 +134,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     stages = Stages()
     started_at = now()
     source = loading.resolve(config.model)
-    device = loading.pick_device(config.device)
+    device = distributed.init(loading.pick_device(config.device))
     config.resolved(device.type)
     metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
 
@@ -196,7 +197,8 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
                  metric: Metric, tokens: data.TokenData):
     """Score once per seed; return the seeds' mean scores and each seed's own top-k."""
     accum = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.accum_dtype]
-    scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size)
+    scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size,
+                         gradient_checkpointing=config.gradient_checkpointing)
     matrices = [m for s in scored for m in s.matrices]
     total: dict[str, torch.Tensor] | None = None
     per_seed: dict[int, Selection] = {}

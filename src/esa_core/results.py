@@ -2,7 +2,8 @@
 
 Every file is written to a temporary name in the same folder and renamed into place, so an
 interrupted run never leaves a half-written file. Non-finite numbers become null, with a
-`<key>_nonfinite` flag beside them saying what the value was.
+`<key>_nonfinite` flag beside them saying what the value was. Under torchrun only rank 0
+touches the result folder: the other ranks hold the same results and write nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from esa_core import distributed
 from esa_core.errors import EsaError
 
 CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
@@ -46,7 +48,9 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it into place."""
+    """Write to a temporary file beside `path`, then rename it into place (rank 0 only)."""
+    if not distributed.is_main():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -84,6 +88,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Path:
     """Refuse to touch an existing non-empty folder unless told to (--overwrite / --resume)."""
+    if not distributed.is_main():
+        return out_dir  # rank 0 checks; another rank's check would race with its writes
     if out_dir.exists() and not out_dir.is_dir():
         raise EsaError(f"--out-dir {out_dir} exists and is a file, not a folder.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
