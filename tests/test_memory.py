@@ -27,10 +27,7 @@ class GradAndInputs(Metric):
 
 
 def _score(registry, metric, **options):
-    config = tiny.llama_config()
-    if HVP in metric.needs:
-        config._attn_implementation = "eager"  # torch's CPU SDPA kernel has no double backward
-    model = tiny.build(config)
+    model = tiny.build(tiny.llama_config())  # SDPA attention: HVPs must avoid its fused kernels
     adapter = registry.get("model adapter", "llama")()
     scored = adapter.scored_params(model)
     calls = []

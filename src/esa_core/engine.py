@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from esa_core import distributed
@@ -125,6 +126,8 @@ class ScoringRun:
                     stack.callback(self._tap_grad(s, states).remove)
             elif HVP in needs:
                 stack.enter_context(only_scored_require_grad(self.model, self.scored))
+                # torch's fused attention kernels have no double backward; the math one has
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             bar = tqdm(distributed.shard(range(len(batches))), desc=f"scoring {label}".strip(),
                        unit="batch", disable=None if self.progress else True, leave=False)
             for index in bar:
