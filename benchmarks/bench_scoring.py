@@ -4,21 +4,25 @@
     python benchmarks/bench_scoring.py --model config --max-samples 8 --json out.json
     python benchmarks/bench_scoring.py --model path/to/hf-folder --device cuda
 
-For each model it measures a plain forward+backward loop (every parameter requires grad, as in
-training; gradients set to None after each batch), a plain no-grad forward loop, one evaluation
-pass (no-grad forward + cross-entropy over the eval blocks), and the scoring of every installed
-metric (the registry's, so new metric plugins are picked up). Once per run, on config-built
-Llama models, it measures how the scoring time of grad_x_weight scales with --max-samples
-(4 sizes, R^2 of a linear fit) and with model depth (3 sizes).
+For each model it measures, over the same token blocks: a plain forward+backward loop
+(plain_fwd_bwd: every parameter requires grad, as in training; gradients set to None after each
+batch), the leanest such loop (plain_fwd_bwd_scored: only the scored weights get gradients, each
+dropped as soon as it is complete), a plain no-grad forward loop, one evaluation pass (no-grad
+forward + cross-entropy over the eval blocks), the scoring of every installed metric (the
+registry's, so new metric plugins are picked up) and grad_x_weight with gradient checkpointing.
+With the config model it also times grad_x_weight over 4 --max-samples sizes (R^2 of a linear
+fit) and builds two more depths (3 model sizes).
 
-Time: the fastest of --repeats runs of the measured loop, after one warm-up batch; wall seconds
-and the process's CPU seconds (all threads), which a shared machine disturbs less.
-Peak memory (CPU): the kernel's peak resident set size (VmHWM) of a fresh worker process during
-the measured loop, minus its resident size just before it (the peak is reset through
-/proc/self/clear_refs). It counts every byte the loop touched, torch's and Python's, and memory
-that the C allocator kept after a free; it can only overstate. On CUDA: torch's peak allocated
-bytes during the loop minus those before it. Memory above plain is in units of the scored
-parameters' fp32 bytes (the size of one fp32 accumulator per scored weight).
+All runs of one model happen in one fresh worker process, in --repeats rounds, so that a change
+of the machine's load hits every run alike. Time: each run's fastest round, after a warm-up
+batch; wall seconds and the process's CPU seconds (one torch thread by default: idle OpenMP
+threads spin on a busy machine and would inflate CPU time).
+Peak memory (CPU): the kernel's peak resident set size (VmHWM) of the worker during the measured
+loop, minus its resident size just before it (freed heap is first returned to the OS with
+malloc_trim, then the peak is reset through /proc/self/clear_refs). It counts every byte the loop
+touched, torch's and Python's, including memory the C allocator kept after a free. On CUDA:
+torch's peak allocated bytes during the loop minus those before it. Memory above plain is in
+units of the scored parameters' fp32 bytes (one fp32 accumulator per scored weight).
 """
 
 from __future__ import annotations
