@@ -15,7 +15,7 @@ import torch
 from esa_core import distributed, pipeline
 from esa_core.results import read_json
 
-ARGS = ["--max-samples", "5", "--seq-len", "32", "--topk", "8", "--mode", "global",
+ARGS = ["--save-plots", "--max-samples", "5", "--seq-len", "32", "--topk", "8", "--mode", "global",
         "--device", "cpu", "--eval-samples", "2"]
 
 
@@ -40,6 +40,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_llama_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("Results written to") == 1  # rank 1 neither writes nor prints
+    assert list((multi / "plots").glob("*.png"))  # rank 0 draws from the files it wrote
 
     single = tmp_path / "one-process"
     config = pipeline.RunConfig(model=str(tiny_llama_dir), dataset=str(text), max_samples=5,

@@ -177,8 +177,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         #   stability (--stability-check), evaluation (--perturb), plots (--save-plots).
         # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
         with stages.stage("plots"):  # from the files just written, as `esa report` does
-            figures = plots.render(plots.RunFiles.read(out_dir))
-            if config.save_plots:
+            # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
+            figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
+            if config.save_plots and figures is not None:
                 figures.save(out_dir / "plots")
     except BaseException as exc:
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
@@ -189,7 +190,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     manifest.update(status="complete", last_completed_stage=stages.completed,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
     write_json(out_dir / "experiment_manifest.json", manifest)
-    report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
+    if figures is not None:
+        report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
 
