@@ -112,11 +112,7 @@ class Metric(Configurable):
         return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
 
     def on_grad(self, state: Any, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add one batch's gradient contribution to `state` in place.
-
-        `grad` is freed right after this call, so a metric may overwrite it as scratch space
-        (e.g. `grad.mul_(weight)`): that saves a weight-sized allocation per batch.
-        """
+        """Add one batch's gradient contribution to `state` in place."""
         raise NotImplementedError
 
     def on_hvp(self, state: Any, weight: torch.Tensor, hz: torch.Tensor, z: torch.Tensor) -> None:

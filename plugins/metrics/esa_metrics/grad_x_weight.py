@@ -16,4 +16,4 @@ class GradXWeight(Metric):
     needs = frozenset({GRAD})
 
     def on_grad(self, state, weight, grad):
-        state.add_(grad.mul_(weight).abs_())  # grad is scratch: no allocation per batch
+        state.add_((grad * weight).abs_().to(state.dtype))
