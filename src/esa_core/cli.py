@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 
@@ -77,6 +78,8 @@ def run_command(
     eval_samples: int | None = typer.Option(
         None, help="Held-out evaluation blocks. Default: 64 on a GPU, 16 on a CPU."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing result folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out-dir "
+                                "(same flags); finished seeds are not repeated."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Allow a model's own Python code to run."),
     adapter: str | None = typer.Option(None, help="Model adapter (default: by model_type)."),
@@ -94,6 +97,7 @@ def run_command(
     _setup_logging(verbose)
     from esa_core import distributed, pipeline
     from esa_core.config import RunConfig, parse_list, parse_metric_args
+    from esa_core.guards import terminate_as_interrupt
 
     try:
         config = RunConfig(
@@ -102,19 +106,20 @@ def run_command(
             verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
             perturb_prob=perturb_prob, controls=parse_list(controls), dataset=dataset,
             seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
-            eval_samples=eval_samples,
-            overwrite=overwrite, trust_remote_code=trust_remote_code, adapter=adapter,
+            eval_samples=eval_samples, overwrite=overwrite, resume=resume,
+            trust_remote_code=trust_remote_code, adapter=adapter,
             include=parse_list(include), exclude=parse_list(exclude),
             metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
             gradient_checkpointing=gradient_checkpointing,
         )
-        result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
+        with terminate_as_interrupt():
+            result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
     except EsaError as exc:
         _fail(str(exc), verbose)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted: the result folder's manifest says which stage completed.",
-                   err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        typer.echo("Interrupted: the result folder's manifest says which stage completed; "
+                   "run the same command with --resume to continue.", err=True)
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
         typer.echo(f"Results written to {result.out_dir}")
 

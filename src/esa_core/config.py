@@ -89,6 +89,7 @@ class RunConfig:
     device_map: str | None = None
     eval_samples: int | None = None
     overwrite: bool = False
+    resume: bool = False
     trust_remote_code: bool = False
     adapter: str | None = None
     include: list[str] = field(default_factory=list)
@@ -132,6 +133,9 @@ class RunConfig:
         if self.controls and self.perturb is None:
             raise EsaError("--controls needs --perturb: a control set is perturbed the same way "
                            "as the top-k to compare against it.")
+        if self.overwrite and self.resume:
+            raise EsaError("--overwrite and --resume contradict each other: --overwrite starts "
+                           "over, --resume continues the interrupted run.")
         if self.out_dir is not None and Path(self.out_dir).is_file():
             raise EsaError(f"--out-dir {self.out_dir} exists and is a file, not a folder.")
         # building the metric validates its options (unknown option, wrong type)

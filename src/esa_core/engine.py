@@ -20,6 +20,7 @@ from esa_core import distributed
 from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
 from esa_core.checkpointing import checkpointed
 from esa_core.errors import EsaError
+from esa_core.guards import OUT_OF_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ class PluginFailure(EsaError):
     """A plugin raised inside a hook: name it instead of surfacing a torch traceback."""
 
 
-def _call(metric: Metric, what: str, fn, *args) -> None:
+def _call(metric: Metric, what: str, fn, *args):
     try:
-        fn(*args)
-    except EsaError:
-        raise
+        return fn(*args)
+    except (EsaError, OUT_OF_MEMORY):
+        raise  # already explained; out of memory is the run's size, not the plugin's fault
     except Exception as exc:
         raise PluginFailure(
             f"metric '{metric.name}' failed in {what}: {type(exc).__name__}: {exc}"
@@ -93,7 +94,8 @@ class ScoringRun:
 
     def _states(self) -> dict[Slot, object]:
         return {
-            (s.name, e): self.metric.init_state(_view(s.param.detach(), e), self.accum_dtype)
+            (s.name, e): _call(self.metric, f"init_state({s.name})", self.metric.init_state,
+                               _view(s.param.detach(), e), self.accum_dtype)
             for s in self.scored
             for e in s.experts
         }
@@ -193,7 +195,8 @@ class ScoringRun:
             weight = s.param.detach()
             parts = []
             for e in s.experts:
-                part = self.metric.finalize(states.pop((s.name, e)), _view(weight, e), num_batches)
+                part = _call(self.metric, f"finalize({s.name})", self.metric.finalize,
+                             states.pop((s.name, e)), _view(weight, e), num_batches)
                 if part.shape != _view(weight, e).shape:
                     raise PluginFailure(
                         f"metric '{self.metric.name}' returned scores of shape {tuple(part.shape)}"

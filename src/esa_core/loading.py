@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -160,9 +161,14 @@ def load_pretrained(
             path,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=None,
+            use_safetensors=None,  # safetensors whenever the folder has them
+            weights_only=True,  # a .bin file is unpickled as tensors only, never as code
             device_map=device_map,
         )
+    except pickle.UnpicklingError as exc:
+        raise EsaError(f"refused to load '{source.model_id}': its .bin weights hold more than "
+                       "tensors (pickled code). Convert them to safetensors, or use a model "
+                       "that ships .safetensors files.") from exc
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EsaError(f"could not load model '{source.model_id}': {first}") from exc
@@ -177,8 +183,15 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EsaError(f"could not read the config of '{source.model_id}': {first}") from exc
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:
+        raise EsaError(f"'{source.model_id}' is a {config.model_type} model, not a causal "
+                       "language model (transformers has no AutoModelForCausalLM for it).")
+    return config

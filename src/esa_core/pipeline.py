@@ -20,13 +20,21 @@ import torch
 
 from esa_core import __version__, data, distributed, loading, plots, report
 from esa_core.api import Metric, ModelAdapter, ScoredParam
+from esa_core.checkpoints import (
+    Checkpoints,
+    resumable_manifest,
+    resume_record,
+    selection_from,
+    selection_tensors,
+)
 from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
+from esa_core.guards import out_of_memory_help
 from esa_core.plugins import Registry
 from esa_core.plugins import registry as default_registry
-from esa_core.results import prepare_out_dir, write_csv, write_json
-from esa_core.selection import Selection, select
+from esa_core.results import MANIFEST, prepare_out_dir, remove_leftovers, write_csv, write_json
+from esa_core.selection import Selection, check_topk, matrix_size, select
 from esa_core.stats import sensitivity_stats
 
 log = logging.getLogger(__name__)
@@ -64,7 +72,8 @@ class Stages:
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         log.info("stage %s ...", name)
-        yield
+        with out_of_memory_help(name):
+            yield
         self.timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
         self.completed = name
 
@@ -136,6 +145,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     source = loading.resolve(config.model)
     device = distributed.init(loading.pick_device(config.device))
     config.resolved(device.type)
+    out_dir = prepare_out_dir(config.default_out_dir(source.model_id), config.overwrite,
+                              config.resume)
+    previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
     metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
 
     with stages.stage("load"):
@@ -149,6 +161,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         if not scored:
             raise EsaError(f"no weights to score in {source.model_id} with adapter "
                            f"'{adapter.name}' and the given --include/--exclude.")
+        check_topk(config.topk, config.mode,
+                   [matrix_size(m, s.param.shape) for s in scored for m in s.matrices])
     with stages.stage("data"):
         context = getattr(model.config, "max_position_embeddings", None)
         if context and config.seq_len > context:
@@ -157,15 +171,25 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                                config.eval_samples)
         for seed in config.seeds:
             tokens.draw(seed, config.max_samples)  # checks the pool is big enough, up front
+        if previous and previous.get("data", {}).get("sha256") != tokens.sha256:
+            raise EsaError(f"--resume: the text of --dataset {config.dataset} changed since the "
+                           "interrupted run; pass --overwrite to start over.")
 
-    out_dir = prepare_out_dir(config.default_out_dir(source.model_id), config.overwrite)
+    # Every check has passed: from here on the result folder is written.
+    checkpoints = Checkpoints(out_dir, config.to_dict())
+    if previous:
+        remove_leftovers(out_dir)
+    else:
+        checkpoints.clear()  # a fresh (or --overwrite) run never reuses another run's units
     manifest = _manifest(config, argv, source, model, model_config, adapter, scored, tokens,
                          device, dtype, registry, started_at)
-    write_json(out_dir / "experiment_manifest.json", {**manifest, "status": "running"})
+    if previous:
+        manifest.update(resume_record(previous, started_at))
+    write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
     try:
         with stages.stage("scoring"), adapter.observe(model) as observed:
             mean_scores, seed_scores_top = _score_seeds(config, model, adapter, scored, metric,
-                                                        tokens)
+                                                        tokens, checkpoints)
         matrices = [m for s in scored for m in s.matrices]
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
@@ -185,35 +209,52 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
                         error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
                         finished_at=now())
-        write_json(out_dir / "experiment_manifest.json", manifest)
+        write_json(out_dir / MANIFEST, manifest)
         raise
     manifest.update(status="complete", last_completed_stage=stages.completed,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
-    write_json(out_dir / "experiment_manifest.json", manifest)
+    write_json(out_dir / MANIFEST, manifest)
     if figures is not None:
         report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
+    checkpoints.clear()
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
-                 metric: Metric, tokens: data.TokenData):
-    """Score once per seed; return the seeds' mean scores and each seed's own top-k."""
+                 metric: Metric, tokens: data.TokenData, checkpoints: Checkpoints):
+    """Score once per seed; return the seeds' mean scores and each seed's own top-k.
+
+    After each seed, its top-k and the running sum of scores are checkpointed (one model-sized
+    file, not one per seed), so `--resume` continues with the next seed and sums in the same
+    order: the result is bit-identical to an uninterrupted run's.
+    """
     accum = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.accum_dtype]
     scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size,
                          gradient_checkpointing=config.gradient_checkpointing)
     matrices = [m for s in scored for m in s.matrices]
     total: dict[str, torch.Tensor] | None = None
     per_seed: dict[int, Selection] = {}
-    for seed in config.seeds:
+    devices = {s.name: s.param.device for s in scored}
+    saved = checkpoints.load_tensors("scores")
+    done = [int(seed) for seed in saved[1]["seeds"].split(",")] if saved else []
+    tops = [checkpoints.load_tensors(f"seed_{seed}") for seed in done]
+    if done == config.seeds[:len(done)] and all(tops):
+        total = {name: value.to(devices[name]) for name, value in saved[0].items()}
+        per_seed = {seed: selection_from(top[0], matrices, devices)
+                    for seed, top in zip(done, tops)}
+        log.info("resuming after seeds %s", done)
+    for seed in config.seeds[len(per_seed):]:
         blocks = tokens.draw(seed, config.max_samples)
         scores = scoring.score(blocks, seed, label=f"seed {seed}")
         per_seed[seed] = select(scores, matrices, config.topk, config.mode)
+        checkpoints.save_tensors(f"seed_{seed}", selection_tensors(per_seed[seed], matrices))
         if total is None:
             total = scores
         else:
             for name, value in scores.items():
                 total[name].add_(value)
             del scores
+        checkpoints.save_tensors("scores", total, {"seeds": ",".join(map(str, per_seed))})
     assert total is not None
     for value in total.values():
         value.div_(len(config.seeds))

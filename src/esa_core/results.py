@@ -14,12 +14,16 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from esa_core import distributed
 from esa_core.errors import EsaError
 
+TMP_SUFFIX = ".tmp"
+MANIFEST = "experiment_manifest.json"
 CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
 
 
@@ -47,22 +51,40 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it into place (rank 0 only)."""
-    if not distributed.is_main():
-        return
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed into place only if the block succeeds.
+
+    For writers that need a file name (safetensors); a failed or interrupted write leaves nothing.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it into place (rank 0 only)."""
+    if not distributed.is_main():
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete temporary files a killed run (SIGKILL) left mid-write; they are never results."""
+    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -94,7 +116,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Pat
         raise EsaError(f"--out-dir {out_dir} exists and is a file, not a folder.")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (overwrite or resume):
         raise EsaError(
-            f"--out-dir {out_dir} already holds results; pass --overwrite to replace them "
-            "or choose another --out-dir."
+            f"--out-dir {out_dir} already holds results; pass --overwrite to replace them, "
+            "--resume to continue an interrupted run, or choose another --out-dir."
         )
     return out_dir

@@ -65,6 +65,23 @@ def _top(matrix: LogicalMatrix, score: torch.Tensor, k: int, largest: bool) -> P
     return Picks(matrix, rows, cols, values)
 
 
+def matrix_size(matrix: LogicalMatrix, shape: torch.Size) -> int:
+    """Number of weights in `matrix` of a parameter of `shape` (no tensor is touched)."""
+    rows = shape[-2] if matrix.rows is None else len(matrix.rows)
+    return rows * shape[-1]
+
+
+def check_topk(k: int, mode: str, sizes: list[int]) -> None:
+    """Refuse a top-k that matrices of these sizes cannot supply (callable before scoring)."""
+    if mode not in MODES:
+        raise EsaError(f"unknown mode '{mode}'. Valid choices: {', '.join(MODES)}.")
+    if mode == "per_layer" and k > min(sizes):
+        raise EsaError(f"--topk {k} is larger than the smallest scored matrix ({min(sizes)} "
+                       "weights) in per_layer mode.")
+    if k > sum(sizes):
+        raise EsaError(f"--topk {k} is larger than the number of scored weights ({sum(sizes)}).")
+
+
 def select(
     scores: Mapping[str, torch.Tensor],
     matrices: Iterable[LogicalMatrix],
@@ -74,20 +91,10 @@ def select(
 ) -> Selection:
     """The k highest-scoring (or lowest, `largest=False`) weights per matrix or overall."""
     matrices = list(matrices)
+    check_topk(k, mode, [matrix_size(m, scores[m.param].shape) for m in matrices])
     if mode == "per_layer":
-        smallest = min(m.view(scores[m.param]).numel() for m in matrices)
-        if k > smallest:
-            raise EsaError(
-                f"--topk {k} is larger than the smallest scored matrix ({smallest} weights) "
-                "in per_layer mode."
-            )
         return Selection([_top(m, scores[m.param], k, largest) for m in matrices])
-    if mode != "global":
-        raise EsaError(f"unknown mode '{mode}'. Valid choices: {', '.join(MODES)}.")
     candidates = [_top(m, scores[m.param], k, largest) for m in matrices]
-    total = sum(len(c) for c in candidates)
-    if k > total:
-        raise EsaError(f"--topk {k} is larger than the number of scored weights ({total}).")
     merged = torch.cat([c.scores.float().cpu() for c in candidates])
     order = torch.topk(merged, k, largest=largest, sorted=True).indices
     owner = torch.cat([torch.full((len(c),), i) for i, c in enumerate(candidates)])
