@@ -238,7 +238,7 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
     saved = checkpoints.load_tensors("scores")
     done = [int(seed) for seed in saved[1]["seeds"].split(",")] if saved else []
     tops = [checkpoints.load_tensors(f"seed_{seed}") for seed in done]
-    if done == config.seeds[:len(done)] and all(tops):
+    if saved and done == config.seeds[:len(done)] and all(tops):
         total = {name: value.to(devices[name]) for name, value in saved[0].items()}
         per_seed = {seed: selection_from(top[0], matrices, devices)
                     for seed, top in zip(done, tops)}
