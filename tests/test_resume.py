@@ -1,0 +1,159 @@
+"""Kill a real `esa run` mid-scoring (SIGINT, SIGKILL), then `--resume` it.
+
+The resumed folder must equal an uninterrupted run's byte for byte (CSV) and number for number
+(JSON), repeat none of the finished seeds, and hold no half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from esa_core.checkpoints import comparable
+from esa_core.cli import app
+from esa_core.engine import ScoringRun
+
+SEEDS = [1, 2, 3, 4]
+# four seeds of 30 blocks: a few seconds of scoring, so a signal lands between seeds
+FLAGS = ["--seq-len", "32", "--max-samples", "30", "--eval-samples", "2", "--topk", "5",
+         "--seeds", ",".join(map(str, SEEDS)), "--device", "cpu"]
+VOLATILE = ("argv", "started_at", "finished_at", "timings", "resumed")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The subprocesses run with OMP_NUM_THREADS=1; in-process runs match them exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def command(tmp_path_factory, tiny_llama_dir) -> list[str]:
+    text = tmp_path_factory.mktemp("data") / "text.txt"
+    text.write_text(tiny.wikitext_sample(40_000))
+    return ["run", "--model", str(tiny_llama_dir), "--dataset", str(text), *FLAGS]
+
+
+def run_here(command: list[str], out_dir: Path, *extra: str):
+    with one_thread():
+        return CliRunner().invoke(app, [*command, "--out-dir", str(out_dir), *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(command, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_here(command, out_dir)
+    assert result.exit_code == 0, result.output
+    return out_dir
+
+
+def start_and_stop(command: list[str], out_dir: Path, sig: signal.Signals) -> list[int]:
+    """Start `esa run` in its own process, send `sig` once a seed is checkpointed.
+
+    Returns the seeds the checkpoint holds after the process has ended.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "esa_core.cli", *command, "--out-dir",
+                             str(out_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoint = out_dir / "checkpoints" / "scores.safetensors"
+    try:
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), stderr
+    with safe_open(str(checkpoint), framework="pt") as f:
+        saved = [int(s) for s in f.metadata()["seeds"].split(",")]
+    assert saved == SEEDS[:len(saved)] and 0 < len(saved) < len(SEEDS), "not stopped mid-run"
+    assert not (out_dir / "top_weights.csv").exists()
+    return saved
+
+
+def resume_counting_seeds(command, out_dir, monkeypatch) -> list[int]:
+    scored_seeds = []
+    score = ScoringRun.score
+
+    def counting(self, blocks, seed, label=""):
+        scored_seeds.append(seed)
+        return score(self, blocks, seed, label)
+
+    monkeypatch.setattr(ScoringRun, "score", counting)
+    result = run_here(command, out_dir, "--resume")
+    assert result.exit_code == 0, result.output
+    return scored_seeds
+
+
+def stable(manifest: dict) -> dict:
+    """What must not change between runs: no times, no out_dir, no --resume."""
+    kept = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    if "config" in kept:
+        kept["config"] = comparable(kept["config"])
+    return kept
+
+
+def assert_equals_uninterrupted(out_dir: Path, reference: Path) -> None:
+    assert (out_dir / "top_weights.csv").read_bytes() == (
+        reference / "top_weights.csv").read_bytes()
+    for name in ("sensitivity_stats.json", "experiment_manifest.json"):
+        got, want = (json.loads((d / name).read_text()) for d in (out_dir, reference))
+        assert stable(got) == stable(want), name
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "complete" and sorted(map(int, manifest["seeds"])) == SEEDS
+    # nothing half-written: no temporary file anywhere, every JSON parses, checkpoints gone
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp")]
+    for p in files:
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+    assert not (out_dir / "checkpoints").exists()
+
+
+def test_ctrl_c_during_scoring_then_resume(command, reference, tmp_path, monkeypatch):
+    out_dir = tmp_path / "run"
+    saved = start_and_stop(command, out_dir, signal.SIGINT)
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert manifest["last_completed_stage"] == "data"  # scoring was under way
+    assert manifest["error"].startswith("KeyboardInterrupt")
+
+    scored = resume_counting_seeds(command, out_dir, monkeypatch)
+    assert scored == SEEDS[len(saved):]  # the finished seeds are not scored again
+    assert_equals_uninterrupted(out_dir, reference)
+    resumed = json.loads((out_dir / "experiment_manifest.json").read_text())["resumed"]
+    assert [r["previous_status"] for r in resumed] == ["interrupted"]
+
+
+def test_sigkill_during_scoring_then_resume(command, reference, tmp_path, monkeypatch):
+    out_dir = tmp_path / "run"
+    saved = start_and_stop(command, out_dir, signal.SIGKILL)
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "running"  # SIGKILL cannot be caught; --resume copes
+    # what a kill in the middle of a write leaves behind
+    (out_dir / ".top_weights.csv.k1ll3d.tmp").write_text("rank,par")
+    (out_dir / "checkpoints" / ".scores.safetensors.k1ll3d.tmp").write_bytes(b"\0" * 10)
+
+    scored = resume_counting_seeds(command, out_dir, monkeypatch)
+    assert scored == SEEDS[len(saved):]
+    assert_equals_uninterrupted(out_dir, reference)
