@@ -18,6 +18,7 @@ from esa_core.cli import app
 from esa_core.engine import PluginFailure, ScoringRun
 from esa_core.guards import Terminated, terminate_as_interrupt
 from esa_core.plugins import PluginInfo, Registry
+from esa_core.results import FolderLock
 
 FAST = ["--seq-len", "16", "--max-samples", "3", "--eval-samples", "2", "--topk", "2",
         "--device", "cpu", "--dataset"]
@@ -150,3 +151,19 @@ def test_resume_of_nothing_starts_the_run(tiny_llama_dir, text, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
     assert manifest["status"] == "complete" and "resumed" not in manifest
+
+
+def test_a_folder_another_run_is_writing_is_refused(tiny_llama_dir, text, tmp_path):
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_llama_dir), *FAST, text, "--out-dir", str(out_dir),
+            "--resume"]
+    other = FolderLock(out_dir)  # what a still-running `esa run` holds
+    other.acquire()
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == (f"Error: --out-dir {out_dir} is being written by another "
+                                      "ESA process; wait for it to finish, or choose another "
+                                      "--out-dir.")
+    assert not any(out_dir.iterdir())
+    other.release()
+    assert CliRunner().invoke(app, args).exit_code == 0

@@ -33,7 +33,14 @@ from esa_core.errors import EsaError
 from esa_core.guards import out_of_memory_help
 from esa_core.plugins import Registry
 from esa_core.plugins import registry as default_registry
-from esa_core.results import MANIFEST, prepare_out_dir, remove_leftovers, write_csv, write_json
+from esa_core.results import (
+    MANIFEST,
+    FolderLock,
+    prepare_out_dir,
+    remove_leftovers,
+    write_csv,
+    write_json,
+)
 from esa_core.selection import Selection, check_topk, matrix_size, select
 from esa_core.stats import sensitivity_stats
 
@@ -147,6 +154,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     config.resolved(device.type)
     out_dir = prepare_out_dir(config.default_out_dir(source.model_id), config.overwrite,
                               config.resume)
+    lock = FolderLock(out_dir)
+    if out_dir.is_dir():
+        lock.acquire()  # refuse at once, not after loading, if another process writes here
     previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
     metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
 
@@ -176,6 +186,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                            "interrupted run; pass --overwrite to start over.")
 
     # Every check has passed: from here on the result folder is written.
+    lock.acquire()
     checkpoints = Checkpoints(out_dir, config.to_dict())
     if previous:
         remove_leftovers(out_dir)
@@ -210,6 +221,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                         error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
                         finished_at=now())
         write_json(out_dir / MANIFEST, manifest)
+        lock.release()
         raise
     manifest.update(status="complete", last_completed_stage=stages.completed,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
@@ -217,6 +229,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     if figures is not None:
         report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
     checkpoints.clear()
+    lock.release()
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
 

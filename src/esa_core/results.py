@@ -120,3 +120,39 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Pat
             "--resume to continue an interrupted run, or choose another --out-dir."
         )
     return out_dir
+
+
+class FolderLock:
+    """One ESA process per result folder: a second one (say, `--resume` while the first still
+    runs) is refused instead of interleaving writes. The kernel drops the lock when the holder
+    dies, even by SIGKILL, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (creating the folder if needed); idempotent."""
+        if self._fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks on folders
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EsaError(f"--out-dir {self.out_dir} is being written by another ESA process; "
+                           "wait for it to finish, or choose another --out-dir.") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    __del__ = release
