@@ -57,6 +57,7 @@ CASES = [
     ("unknown mode", {"--mode": "globl"}, ["unknown mode 'globl'", "Did you mean 'global'?"]),
     ("unknown dtype", {"--dtype": "bf32"}, ["unknown dtype 'bf32'", "bf16, fp16, fp32"]),
     ("unknown device", {"--device": "tpu"}, ["unknown device 'tpu'", "cuda"]),
+    ("unknown device map", {"--device-map": "everywhere"}, ["unknown device map 'everywhere'"]),
     ("unknown accumulator dtype", {"--accum-dtype": "fp8"}, ["unknown accumulator dtype 'fp8'"]),
     ("unknown adapter", {"--adapter": "lama"}, ["unknown model adapter 'lama'",
                                                 "Did you mean 'llama'?"]),
