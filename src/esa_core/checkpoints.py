@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from esa_core import distributed
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError
 from esa_core.results import MANIFEST, atomic_path, read_json, write_json
@@ -85,6 +86,8 @@ class Checkpoints:
                      meta: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
+        if not distributed.is_main():
+            return  # every rank holds the same reduced scores; rank 0 writes them
         path = self.folder / f"{unit}.safetensors"
         with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
@@ -115,7 +118,8 @@ class Checkpoints:
         return saved["data"] if saved.get("fingerprint") == self.fingerprint else None
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def selection_tensors(selection: Selection, matrices: list[LogicalMatrix]

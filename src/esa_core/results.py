@@ -81,7 +81,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def remove_leftovers(folder: Path) -> list[Path]:
     """Delete temporary files a killed run (SIGKILL) left mid-write; they are never results."""
-    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()] if folder.is_dir() else []
+    if not distributed.is_main() or not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
     for p in stale:
         p.unlink()
     return stale
@@ -133,8 +135,8 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock (creating the folder if needed); idempotent."""
-        if self._fd is not None:
+        """Take the lock (creating the folder if needed); idempotent; rank 0 alone writes."""
+        if self._fd is not None or not distributed.is_main():
             return
         try:
             import fcntl
