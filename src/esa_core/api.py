@@ -94,6 +94,10 @@ class Metric(Configurable):
       (for an MoE expert only the tokens routed to it); `on_activations` runs per forward.
     - nothing: a data-free metric; only `finalize` runs.
 
+    `components` (canonical names or globs) narrows the weights scored when the user gives no
+    --include, for a metric defined only on some matrices (e.g. down-projections); None scores
+    the adapter's default set.
+
     Every callback sees one 2-D weight matrix (an MoE expert's slice of a 3-D tensor is passed as
     its own matrix) and the state `init_state` made for it. Keep the state small: at most one
     accumulator of the weight's shape, never a copy of the gradient.
@@ -104,6 +108,8 @@ class Metric(Configurable):
     #: add up over batches (the default), "max" or "min" for running extremes. Every tensor in
     #: the state is reduced this way, so a state is a tensor or a tuple/list/dict of tensors.
     state_reduce: ClassVar[str] = "sum"
+    #: default scope when the user gives no --include; None: the adapter's default set.
+    components: ClassVar[tuple[str, ...] | None] = None
     #: Hessian-vector probes per batch (HVP metrics only).
     probes: int = 1
 

@@ -174,6 +174,8 @@ def list_plugins(
 
 def _extra(cls) -> dict:
     """What else a user needs to know to use a plugin: its options, its model types."""
+    from esa_core.api import Metric
+
     if cls is None:
         return {}
     extra = {}
@@ -181,6 +183,8 @@ def _extra(cls) -> dict:
         extra["options"] = ", ".join(
             f"{o.name}={o.default!r} ({o.type.__name__}){': ' + o.help if o.help else ''}"
             for o in cls.options)
+    if issubclass(cls, Metric) and cls.components:
+        extra["scores only"] = ", ".join(cls.components)
     if getattr(cls, "needs", None):
         extra["needs"] = ", ".join(sorted(cls.needs))
     if getattr(cls, "model_types", None):

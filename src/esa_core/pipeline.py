@@ -167,7 +167,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         model, tokenizer = adapter.load(source, dtype, device,
                                         trust_remote_code=config.trust_remote_code,
                                         device_map=config.device_map)
-        scored = adapter.scored_params(model, config.include, config.exclude)
+        include = config.include or metric.components or ()
+        scored = adapter.scored_params(model, include, config.exclude)
         if not scored:
             raise EsaError(f"no weights to score in {source.model_id} with adapter "
                            f"'{adapter.name}' and the given --include/--exclude.")
@@ -194,6 +195,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         checkpoints.clear()  # a fresh (or --overwrite) run never reuses another run's units
     manifest = _manifest(config, argv, source, model, model_config, adapter, scored, tokens,
                          device, dtype, registry, started_at)
+    manifest["metric"] = {"name": metric.name, "options": metric.settings,
+                          "components": sorted({m.component for s in scored for m in s.matrices})}
     if previous:
         manifest.update(resume_record(previous, started_at))
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
