@@ -275,3 +275,61 @@ def test_include_overrides_a_metrics_default_scope(tiny_llama_dir, small_text, t
                           seq_len=16, max_samples=2, eval_samples=2, topk=3, device="cpu",
                           include=["mlp.up", "mlp.down"], out_dir=str(tmp_path / "out"))
     assert result.manifest["metric"]["components"] == ["mlp.down", "mlp.up"]
+
+
+# --------------------------------------------------------------------------- embedded model
+
+REMOVAL_METRICS = ("grad_x_weight", "act_mag", "hutchinson_diag", "super_weight")
+
+
+@pytest.mark.slow
+def test_embedded_top1_weights_matter_far_more_than_random_ones(tmp_path):
+    """Zeroing each metric's global top-1 weight of SmolLM2-135M, on held-out text.
+
+    The metrics that estimate the effect of removing a weight must find one whose loss raises
+    perplexity by over 10%, a hundred times more than a random weight of the same matrix, and ten
+    times more than the largest weight (magnitude's top-1, the data-free baseline).
+    grad_squared is left out: it measures sensitivity to a small change, not to removal.
+    """
+    import esa_core
+    from esa_core import data, loading
+    from esa_core.plugins import registry
+
+    settings = dict(mode="global", topk=1, seq_len=64, max_samples=4, eval_samples=4,
+                    device="cpu", dtype="fp32")
+    top1 = {}
+    for metric in (*REMOVAL_METRICS, "magnitude"):
+        result = esa_core.run(metric=metric, out_dir=str(tmp_path / metric), **settings)
+        (picks, i), = result.selection.ranked()
+        top1[metric] = (picks.matrix.param, int(picks.rows[i]), int(picks.cols[i]))
+
+    adapter = registry().get("model adapter", "llama")()
+    model, tokenizer = adapter.load(loading.resolve(None), torch.float32, torch.device("cpu"))
+    held_out = data.tokenize(data.read_texts("wikitext2"), tokenizer, 64, 4).eval_blocks
+    params = dict(model.named_parameters())
+
+    def ppl_change_without(param, row, col):
+        weight = params[param].data
+        kept = weight[row, col].clone()
+        weight[row, col] = 0
+        with torch.no_grad():
+            loss = batch_loss(model, held_out)
+        weight[row, col] = kept
+        return float(torch.exp(loss - baseline)) - 1
+
+    with torch.no_grad():
+        baseline = batch_loss(model, held_out)
+    generator = torch.Generator().manual_seed(0)
+    change = {}
+    for metric, (param, row, col) in top1.items():
+        rows, cols = params[param].shape
+        random = (int(torch.randint(rows, (1,), generator=generator)),
+                  int(torch.randint(cols, (1,), generator=generator)))
+        change[metric] = (ppl_change_without(param, row, col),
+                          ppl_change_without(param, *random))
+    print(top1, change)
+    baseline_top = change["magnitude"][0]
+    for metric in REMOVAL_METRICS:
+        top, random = change[metric]
+        assert top > 0.1 and top > 100 * abs(random) and top > 10 * baseline_top, \
+            (metric, top1[metric], top, random)

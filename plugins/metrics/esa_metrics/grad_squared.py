@@ -1,4 +1,4 @@
-"""grad_squared: score(w) = mean over batches of (dL/dw)², the empirical Fisher
+"""grad_squared: score(w) = mean over batches of (dL/dw)², the empirical Fisher diagonal.
 
 L is the mean next-token cross-entropy of one batch, and a batch is `--batch-size` token blocks
 (sequences), so g is the gradient of a mean over batch_size x seq_len tokens. The square of a mean
