@@ -184,10 +184,12 @@ def test_hutchinson_equals_z_times_exact_hessian_z_for_its_probes(registry):
     estimate = sum(z * (h @ z) for h, batch_z in zip(hessians, zs) for z in batch_z)
     diag = (estimate / (len(blocks) * probes)).abs()
     weights = torch.cat([s.param.detach().reshape(-1) for s in scored])
-    torch.testing.assert_close(saliency, 0.5 * diag * weights**2, rtol=1e-4, atol=1e-9)
+    expected = 0.5 * diag * weights**2
+    # fp32 sums of z·Hz terms that nearly cancel: tolerance relative to the largest score
+    torch.testing.assert_close(saliency, expected, rtol=1e-4, atol=1e-5 * expected.max())
     raw = flat(score(registry, model, scored, "hutchinson_diag", blocks, probes=probes,
                      score="raw"), scored)
-    torch.testing.assert_close(raw, diag, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(raw, diag, rtol=1e-4, atol=1e-5 * diag.max())
 
 
 def test_hutchinson_error_shrinks_as_probes_grow(registry):

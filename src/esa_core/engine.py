@@ -171,9 +171,7 @@ class ScoringRun:
 
     def _hvp_step(self, batch: torch.Tensor, states, generator: torch.Generator) -> None:
         params = [s.param for s in self.scored]
-        # the fused attention kernels have no second derivative; the plain one does
-        with sdpa_kernel(SDPBackend.MATH):
-            loss = batch_loss(self.model, batch)
+        loss = batch_loss(self.model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for probe in range(self.metric.probes):
             zs = [

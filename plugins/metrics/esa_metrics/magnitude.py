@@ -11,7 +11,7 @@ class Magnitude(Metric):
     name = "magnitude"
 
     def init_state(self, weight, dtype):
-        return None  # nothing to accumulate
+        return ()  # nothing to accumulate (an empty state, also across ranks)
 
     def finalize(self, state, weight, num_batches):
         return weight.abs()

@@ -22,6 +22,7 @@ class SuperWeight(Metric):
     name = "super_weight"
     needs = frozenset({ACTIVATIONS})
     components = ("mlp.down", "moe.down")
+    state_reduce = "max"  # running maxima, also across ranks
 
     def init_state(self, weight, dtype):
         rows, cols = weight.shape
