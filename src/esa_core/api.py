@@ -152,11 +152,12 @@ class Perturbation(Configurable):
         """New values for `values` (same shape and dtype) and facts worth recording.
 
         `values` are the selected weights of one logical matrix (1-D, in the dtype the model
-        was loaded in, on its device); `matrix` is that whole matrix (read-only), e.g. for its
-        standard deviation. `generator` is a CPU generator seeded from the run's seed: draw on
-        it and move the draws to `values.device`, so a seed perturbs the same way on any device.
-        `scale` is --perturb-scale, `prob` is --perturb-prob. `facts` maps names to counts
-        (e.g. bits flipped); the engine sums them over the matrices of a condition.
+        was loaded in, on its device). `matrix` is that whole matrix, e.g. for its standard
+        deviation: read it, never write it (the engine checksums the touched parameters).
+        `generator` is a CPU generator seeded from the run's seed: draw on it and move the
+        draws to `values.device`, so a seed perturbs the same way on any device. `scale` is
+        --perturb-scale, `prob` is --perturb-prob. `facts` maps names to counts (e.g. bits
+        flipped); the engine sums them over the matrices of a condition.
         """
         raise NotImplementedError
 
