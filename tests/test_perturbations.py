@@ -253,7 +253,7 @@ def test_magnitude_k_is_the_largest_absolute_weights(model_parts):
                          generator_for(0, "m"))
     every = sorted((abs(v) for p in params.values() for v in p.detach().reshape(-1).tolist()),
                    reverse=True)
-    got = sorted((abs(float(params[p.matrix.param][r, c])) for p in chosen.picks
+    got = sorted((abs(float(params[p.matrix.param].detach()[r, c])) for p in chosen.picks
                   for r, c in zip(p.rows.tolist(), p.cols.tolist())), reverse=True)
     assert got == every[:10]
     assert set(Magnitudes(params)) == set(params)

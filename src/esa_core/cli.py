@@ -63,7 +63,8 @@ def run_command(
         None, help="Result folder. Default: outputs/esa/<model>/<metric>_<mode>_k<topk>."),
     perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
                                           "gauss_noise, bit_flip, zero, ..."),
-    perturb_scale: float = typer.Option(1.0, help="Strength of sign_flip / gauss_noise."),
+    perturb_scale: float = typer.Option(1.0, help="sign_flip: w <- -scale*w; gauss_noise: "
+                                        "sigma = scale x std of the weight's own matrix."),
     perturb_prob: float = typer.Option(0.05, help="Per-bit flip probability of bit_flip."),
     controls: str | None = typer.Option(None, help="Control sets: random_k,bottom_k,magnitude_k."),
     control_repeats: int = typer.Option(0, help="Extra random_k draws for the significance test "
