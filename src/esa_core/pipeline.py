@@ -209,9 +209,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             write_json(out_dir / "sensitivity_stats.json", stats)
         if config.perturb:
             with stages.stage("evaluation"):
-                manifest["success_criteria"] = perturbation.run_stage(
+                manifest.setdefault("success_criteria", []).extend(perturbation.run_stage(
                     config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
-                    out_dir)
+                    out_dir))
         # Later stages, each in its own module, each reading what the earlier ones produced:
         #   stability (--stability-check), plots (--save-plots).
         # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
