@@ -130,12 +130,6 @@ def run_command(
         if criteria:
             from esa_core.perturbation import format_criteria
 
-    if distributed.is_main():
-        typer.echo(f"Results written to {result.out_dir}")
-        criteria = result.manifest.get("success_criteria")
-        if criteria:
-            from esa_core.perturbation import format_criteria
-
             typer.echo("Success criteria:")
             for line in format_criteria(criteria):
                 typer.echo(line)
