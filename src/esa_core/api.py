@@ -144,6 +144,7 @@ class Perturbation(Configurable):
 
     The engine gathers the selected coordinates of one matrix, calls `perturb` with their current
     values, writes the result back, evaluates, and restores the saved originals bit-exactly.
+    The docstring's first line is the help `esa list-plugins` shows: state the rule there.
     """
 
     def perturb(
@@ -156,7 +157,13 @@ class Perturbation(Configurable):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """New values for `values` (same shape and dtype) and facts worth recording.
 
-        `matrix` is the whole logical matrix (read-only), e.g. for its standard deviation.
+        `values` are the selected weights of one logical matrix (1-D, in the dtype the model
+        was loaded in, on its device). `matrix` is that whole matrix, e.g. for its standard
+        deviation: read it, never write it (the engine checksums the touched parameters).
+        `generator` is a CPU generator seeded from the run's seed: draw on it and move the
+        draws to `values.device`, so a seed perturbs the same way on any device. `scale` is
+        --perturb-scale, `prob` is --perturb-prob. `facts` maps names to counts (e.g. bits
+        flipped); the engine sums them over the matrices of a condition.
         """
         raise NotImplementedError
 

@@ -63,9 +63,12 @@ def run_command(
         None, help="Result folder. Default: outputs/esa/<model>/<metric>_<mode>_k<topk>."),
     perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
                                           "gauss_noise, bit_flip, zero, ..."),
-    perturb_scale: float = typer.Option(1.0, help="Strength of sign_flip / gauss_noise."),
+    perturb_scale: float = typer.Option(1.0, help="sign_flip: w <- -scale*w; gauss_noise: "
+                                        "sigma = scale x std of the weight's own matrix."),
     perturb_prob: float = typer.Option(0.05, help="Per-bit flip probability of bit_flip."),
     controls: str | None = typer.Option(None, help="Control sets: random_k,bottom_k,magnitude_k."),
+    control_repeats: int = typer.Option(0, help="Extra random_k draws for the significance test "
+                                        "(p-value resolution 1/(seeds+N+1))."),
     dataset: str = typer.Option("wikitext2", help="wikitext2 (bundled), a .txt file, a folder "
                                 "of .txt files, or a Hugging Face dataset name."),
     seq_len: int | None = typer.Option(None, help="Tokens per block. Default: 512 on a GPU, "
@@ -104,7 +107,8 @@ def run_command(
             model=model, metric=metric, mode=mode, topk=topk, max_samples=max_samples,
             seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
             verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
-            perturb_prob=perturb_prob, controls=parse_list(controls), dataset=dataset,
+            perturb_prob=perturb_prob, controls=parse_list(controls),
+            control_repeats=control_repeats, dataset=dataset,
             seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
             eval_samples=eval_samples, overwrite=overwrite, resume=resume,
             trust_remote_code=trust_remote_code, adapter=adapter,
@@ -122,6 +126,13 @@ def run_command(
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
         typer.echo(f"Results written to {result.out_dir}")
+        criteria = result.manifest.get("success_criteria")
+        if criteria:
+            from esa_core.perturbation import format_criteria
+
+            typer.echo("Success criteria:")
+            for line in format_criteria(criteria):
+                typer.echo(line)
 
 
 @app.command("report")

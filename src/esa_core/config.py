@@ -82,6 +82,7 @@ class RunConfig:
     perturb_scale: float = 1.0
     perturb_prob: float = 0.05
     controls: list[str] = field(default_factory=list)
+    control_repeats: int = 0
     dataset: str = "wikitext2"
     seq_len: int | None = None
     batch_size: int = 1
@@ -133,6 +134,11 @@ class RunConfig:
         if self.controls and self.perturb is None:
             raise EsaError("--controls needs --perturb: a control set is perturbed the same way "
                            "as the top-k to compare against it.")
+        if self.control_repeats < 0:
+            raise EsaError(f"--control-repeats must be 0 or more; got {self.control_repeats}.")
+        if self.control_repeats and "random_k" not in self.controls:
+            raise EsaError("--control-repeats draws extra random_k sets: it needs "
+                           "--controls random_k.")
         if self.overwrite and self.resume:
             raise EsaError("--overwrite and --resume contradict each other: --overwrite starts "
                            "over, --resume continues the interrupted run.")

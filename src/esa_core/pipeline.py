@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from esa_core import __version__, data, distributed, loading, plots, report
+from esa_core import __version__, data, distributed, loading, perturbation, plots, report
 from esa_core.api import Metric, ModelAdapter, ScoredParam
 from esa_core.checkpoints import (
     Checkpoints,
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 GENERIC_ADAPTER = "generic"
 NOT_BUILT = {
     "stability_check": "--stability-check",
-    "perturb": "--perturb",
 }
 
 
@@ -211,8 +210,13 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             stats = {**sensitivity_stats(mean_scores, matrices, params), **observed}
             write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
             write_json(out_dir / "sensitivity_stats.json", stats)
+        if config.perturb:
+            with stages.stage("evaluation"):
+                manifest.setdefault("success_criteria", []).extend(perturbation.run_stage(
+                    config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
+                    out_dir))
         # Later stages, each in its own module, each reading what the earlier ones produced:
-        #   stability (--stability-check), evaluation (--perturb), plots (--save-plots).
+        #   stability (--stability-check), plots (--save-plots).
         # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw

@@ -1,8 +1,13 @@
 """ESA's built-in perturbations, registered through the `esa` entry-point group."""
 
 from esa_core import hookimpl
+from esa_perturbations.bit_flip import BitFlip
+from esa_perturbations.gauss_noise import GaussNoise
+from esa_perturbations.sign_flip import SignFlip
+from esa_perturbations.zero import Zero
 
 
 @hookimpl
 def register_perturbations(register):
-    """No built-in perturbation is registered yet."""
+    for cls in (SignFlip, GaussNoise, BitFlip, Zero):
+        register(cls)

@@ -1,0 +1,16 @@
+"""zero: w <- 0, the ablation that first-order metrics such as grad_x_weight predict."""
+
+from __future__ import annotations
+
+import torch
+
+from esa_core.api import Perturbation
+
+
+class Zero(Perturbation):
+    """w <- 0: remove the weight (ignores --perturb-scale and --perturb-prob)."""
+
+    name = "zero"
+
+    def perturb(self, values, matrix, generator, scale, prob):
+        return torch.zeros_like(values), {}
