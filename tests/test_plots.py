@@ -141,8 +141,10 @@ def test_per_component_tail_index_is_hill_on_that_component_alone():
     for component in ("attn.q", "mlp.down"):
         values = torch.cat([scores[m.param].reshape(-1) for m in matrices
                             if m.component == component])
-        m = stats["per_component"][component]["hill_order_statistics"]
-        expected = hill_tail_index(torch.sort(values, descending=True).values[:m])
+        k = stats["per_component"][component]["hill_order_statistics"]
+        # k order statistics above the threshold, the (k+1)-th largest score
+        expected, used = hill_tail_index(torch.sort(values, descending=True).values[:k + 1])
+        assert used == k
         assert stats["per_component"][component]["hill_tail_index"] == pytest.approx(expected)
         assert stats["per_component"][component]["count"] == values.numel()
 

@@ -1,4 +1,7 @@
-"""The `esa` command line: `esa run`, `esa report`, `esa list-plugins`; flags as in the guide."""
+"""The `esa` command line: `esa run`, `esa compare`, `esa report`, `esa list-plugins`.
+
+Flags of `esa run` match the original guide.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import logging
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import typer
 
@@ -125,14 +129,10 @@ def run_command(
                    "run the same command with --resume to continue.", err=True)
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
-        typer.echo(f"Results written to {result.out_dir}")
-        criteria = result.manifest.get("success_criteria")
-        if criteria:
-            from esa_core.perturbation import format_criteria
+        from esa_core.criteria import table
 
-            typer.echo("Success criteria:")
-            for line in format_criteria(criteria):
-                typer.echo(line)
+        typer.echo(table(result.manifest["success_criteria"]))
+        typer.echo(f"Results written to {result.out_dir}")
 
 
 @app.command("report")
@@ -150,6 +150,28 @@ def report_command(
     except EsaError as exc:
         _fail(str(exc), False)
     typer.echo(f"Report written to {path}")
+
+
+@app.command("compare")
+def compare_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Two or more result folders of one model."),
+    out: Path = typer.Option(Path("comparison"), help="Folder for comparison.json and "
+                             "comparison_heatmap.png (default: ./comparison)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing comparison."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and tracebacks."),
+) -> None:
+    """Compare the top-k sets of several runs: pairwise Jaccard, rank correlation, heatmap."""
+    _setup_logging(verbose)
+    from esa_core.compare import matrix_text, write_comparison
+    from esa_core.criteria import table
+
+    try:
+        result = write_comparison(run_dirs, out, overwrite)
+    except EsaError as exc:
+        _fail(str(exc), verbose)
+    typer.echo(matrix_text(result))
+    typer.echo(table(result["success_criteria"]))
+    typer.echo(f"Comparison written to {out}")
 
 
 @app.command("list-plugins")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esa_core import criteria
 from esa_core.api import LogicalMatrix, Perturbation, ScoredParam
 from esa_core.config import RunConfig
 from esa_core.controls import WeightIndex, control_set, overlap
@@ -264,50 +265,34 @@ def significance(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase3_criteria(analysis: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The guide's Phase 3 success criteria as rows {criterion, value, threshold, verdict}."""
+    """The guide's Phase 3 success criteria, as `criteria` rows."""
     changes = (analysis or {}).get("ppl_change", {})
     sep = (analysis or {}).get("separation", {})
     sig = (analysis or {}).get("significance")
-    na = "N/A (needs --controls random_k,bottom_k)"
+    needs = "run with --controls random_k,bottom_k"
+    ordering = "separation: dPPL(super) > dPPL(random) > dPPL(bottom)"
+    magnitude = "magnitude: dPPL(super) / dPPL(random)"
+    significance = "significance: z of dPPL(super) over the random controls"
     rows = []
     if "random_k" in changes and "bottom_k" in changes:
         order = [changes[SUPER], changes["random_k"], changes["bottom_k"]]
-        rows.append(_row("separation: dPPL(super) > dPPL(random) > dPPL(bottom)",
-                         " > ".join(_fmt(v) for v in order), "strictly decreasing",
-                         order[0] > order[1] > order[2]))
+        rows.append(criteria.check(ordering, order[0] > order[1] > order[2], "==", True,
+                                   " > ".join(_fmt(v) for v in order)))
     else:
-        rows.append(_row("separation: dPPL(super) > dPPL(random) > dPPL(bottom)", None,
-                         "strictly decreasing", None, na))
+        rows.append(criteria.skipped(ordering, "==", True, needs))
     if "super_vs_random" in sep:
-        ratio = sep["super_vs_random"]
-        rows.append(_row("magnitude: dPPL(super) / dPPL(random)", ratio, f">= {SEPARATION:g}",
-                         ratio >= SEPARATION))
-        rows.append(_row("significance: z of dPPL(super) over the random controls",
-                         sig["z_score"], f">= {Z_ABOVE_NOISE:g}", sig["z_score"] >= Z_ABOVE_NOISE))
+        rows.append(criteria.check(magnitude, sep["super_vs_random"], ">=", SEPARATION))
+        rows.append(criteria.check(significance, sig["z_score"], ">=", Z_ABOVE_NOISE))
     else:
-        rows.append(_row("magnitude: dPPL(super) / dPPL(random)", None, f">= {SEPARATION:g}",
-                         None, na))
-        rows.append(_row("significance: z of dPPL(super) over the random controls", None,
-                         f">= {Z_ABOVE_NOISE:g}", None, na))
+        rows.append(criteria.skipped(magnitude, ">=", SEPARATION, needs))
+        rows.append(criteria.skipped(significance, ">=", Z_ABOVE_NOISE, needs))
     return rows
-
-
-def _row(criterion: str, value: Any, threshold: str, passed: bool | None,
-         why: str = "") -> dict[str, Any]:
-    verdict = why if passed is None else ("PASS" if passed else "FAIL")
-    return {"criterion": criterion, "value": value, "threshold": threshold, "verdict": verdict}
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
-
-
-def format_criteria(rows: list[dict[str, Any]]) -> list[str]:
-    """Printable lines: criterion, value, threshold, verdict."""
-    return [f"  {r['verdict']:<5} {r['criterion']}: {_fmt(r['value'])} (threshold "
-            f"{r['threshold']})" for r in rows]
 
 
 def run_stage(config: RunConfig, registry: Registry, model: nn.Module,

@@ -18,7 +18,17 @@ from typing import Any
 
 import torch
 
-from esa_core import __version__, data, distributed, loading, perturbation, plots, report
+from esa_core import (
+    __version__,
+    criteria,
+    data,
+    distributed,
+    loading,
+    perturbation,
+    plots,
+    report,
+    stability,
+)
 from esa_core.api import Metric, ModelAdapter, ScoredParam
 from esa_core.checkpoints import (
     Checkpoints,
@@ -46,11 +56,6 @@ from esa_core.stats import sensitivity_stats
 
 log = logging.getLogger(__name__)
 GENERIC_ADAPTER = "generic"
-NOT_BUILT = {
-    "stability_check": "--stability-check",
-}
-
-
 @dataclass
 class RunResult:
     """What a finished run produced: its folder, manifest, selection and statistics."""
@@ -97,12 +102,6 @@ def choose_adapter(registry: Registry, model_type: str, requested: str | None) -
     return registry.get("model adapter", GENERIC_ADAPTER)()
 
 
-def _refuse_unbuilt(config: RunConfig) -> None:
-    for attr, flag in NOT_BUILT.items():
-        if getattr(config, attr):
-            raise EsaError(f"{flag} is not available in this version of ESA yet.")
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -145,7 +144,6 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     registry = registry or default_registry()
     config = config or RunConfig(**settings)
     config.validate(registry)
-    _refuse_unbuilt(config)
     stages = Stages()
     started_at = now()
     source = loading.resolve(config.model)
@@ -201,23 +199,29 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
     try:
         with stages.stage("scoring"), adapter.observe(model) as observed:
-            mean_scores, seed_scores_top = _score_seeds(config, model, adapter, scored, metric,
-                                                        tokens, checkpoints)
+            mean_scores, seed_scores_top, seed_tops = _score_seeds(
+                config, model, adapter, scored, metric, tokens, checkpoints)
         matrices = [m for s in scored for m in s.matrices]
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
-            stats = {**sensitivity_stats(mean_scores, matrices, params), **observed}
+            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed}
             write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
             write_json(out_dir / "sensitivity_stats.json", stats)
+        summary = None
+        if config.stability_check:
+            with stages.stage("stability"):
+                summary = stability.write_summary(out_dir, seed_tops, config.seeds,
+                                                  config.topk, config.mode)
+            manifest["stability"] = summary if "skipped" in summary else {
+                "file": "stability_summary.json",
+                **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
+        manifest["success_criteria"] = criteria.phase2(summary, stats)
         if config.perturb:
             with stages.stage("evaluation"):
-                manifest.setdefault("success_criteria", []).extend(perturbation.run_stage(
+                manifest["success_criteria"] += perturbation.run_stage(
                     config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
-                    out_dir))
-        # Later stages, each in its own module, each reading what the earlier ones produced:
-        #   stability (--stability-check), plots (--save-plots).
-        # Until a stage exists, its flag is refused up front by _refuse_unbuilt.
+                    out_dir)
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
             figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
@@ -242,7 +246,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
                  metric: Metric, tokens: data.TokenData, checkpoints: Checkpoints):
-    """Score once per seed; return the seeds' mean scores and each seed's own top-k.
+    """Score once per seed; return the seeds' mean scores, each seed's own top-k, and (for
+    --stability-check) each scored seed's top-4k per unit, taken while its scores are alive.
 
     After each seed, its top-k and the running sum of scores are checkpointed (one model-sized
     file, not one per seed), so `--resume` continues with the next seed and sums in the same
@@ -263,11 +268,16 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
         per_seed = {seed: selection_from(top[0], matrices, devices)
                     for seed, top in zip(done, tops)}
         log.info("resuming after seeds %s", done)
+    seed_tops: dict[int, stability.SeedTop] = {}
+    offsets = stability.param_offsets(scored)
     for seed in config.seeds[len(per_seed):]:
         blocks = tokens.draw(seed, config.max_samples)
         scores = scoring.score(blocks, seed, label=f"seed {seed}")
         per_seed[seed] = select(scores, matrices, config.topk, config.mode)
         checkpoints.save_tensors(f"seed_{seed}", selection_tensors(per_seed[seed], matrices))
+        if config.stability_check and len(config.seeds) > 1:
+            seed_tops[seed] = stability.capture(scores, matrices, offsets, config.topk,
+                                                config.mode)
         if total is None:
             total = scores
         else:
@@ -278,7 +288,7 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
     assert total is not None
     for value in total.values():
         value.div_(len(config.seeds))
-    return total, per_seed
+    return total, per_seed, seed_tops
 
 
 def _manifest(config, argv, source, model, model_config, adapter, scored, tokens, device, dtype,

@@ -18,7 +18,7 @@ from esa_core.api import LogicalMatrix
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999)
 SAMPLE_PER_MATRIX = 4096
-TAIL_FRACTION = 0.001  # Hill's estimator uses the top 0.1 % of scores (at least 10, at most 10k)
+TAIL_FRACTION = 0.001  # Hill uses the top 0.1 % of scores as order statistics (10 to 10k)
 HEAVY_TAIL_RULE = "heavy_tailed = excess kurtosis > 3 (Gaussian: 0) and Hill tail index < 4"
 CCDF_POINTS = 64
 CCDF_NOTE = ("fraction_at_least[i] of the scores are >= score[i]; exact from the top scores "
@@ -26,15 +26,19 @@ CCDF_NOTE = ("fraction_at_least[i] of the scores are >= score[i]; exact from the
 WEIGHT_LOG10_RANGE, WEIGHT_BINS = (-8.0, 2.0), 100  # |w| histogram: 0.1-decade bins, 1e-8..1e2
 
 
-def hill_tail_index(top_descending: torch.Tensor) -> float | None:
-    """Hill's estimator alpha from the largest scores, sorted descending (positive values)."""
+def hill_tail_index(top_descending: torch.Tensor) -> tuple[float | None, int]:
+    """Hill's estimator of the tail index alpha, and the k order statistics it used.
+
+    With the m largest positive values x(1) >= ... >= x(m): k = m - 1 and
+    1/alpha = mean over i <= k of log x(i) - log x(k+1), x(k+1) being the threshold.
+    """
     x = top_descending.double()
     x = x[x > 0]
     if len(x) < 3:
-        return None
+        return None, 0
     logs = torch.log(x)
     gamma = float((logs[:-1] - logs[-1]).mean())
-    return 1.0 / gamma if gamma > 0 else None
+    return (1.0 / gamma if gamma > 0 else None), len(x) - 1
 
 
 class _Moments:
@@ -101,29 +105,37 @@ def weight_histogram(weights: Iterable[torch.Tensor]) -> dict:
             "below": below, "above": above, "count": total}
 
 
-def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict) -> dict:
+def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict, topk: int) -> dict:
     q = torch.quantile(sample, torch.tensor(QUANTILES, dtype=sample.dtype))
     median = float(q[0])
-    alpha = hill_tail_index(top)
+    alpha, used = hill_tail_index(top[: tail_order_statistics(moments["count"]) + 1])
     kurt = moments["excess_kurtosis"]
     return {
         "quantiles": {f"q{p:g}": float(v) for p, v in zip(QUANTILES, q)},
         "top1_median_ratio": float(top[0]) / median if median > 0 else None,
+        "topk_mean_median_ratio": float(top[:topk].mean()) / median if median > 0 else None,
+        "topk_for_ratio": min(topk, len(top)),
         "hill_tail_index": alpha,
-        "hill_order_statistics": len(top),
+        "hill_order_statistics": used,
         "heavy_tailed": bool(kurt is not None and kurt > 3 and alpha is not None and alpha < 4),
     }
 
 
+def tail_order_statistics(count: int) -> int:
+    """How many of the largest scores Hill's estimator uses: the top 0.1 %, 10 to 10k."""
+    return int(min(10_000, max(10, count * TAIL_FRACTION)))
+
+
 def sensitivity_stats(
     scores: Mapping[str, torch.Tensor], matrices: Iterable[LogicalMatrix],
-    weights: Mapping[str, torch.Tensor] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None, topk: int = 100,
 ) -> dict:
     """`sensitivity_stats.json`: global, per-component and per-matrix distribution summaries;
-    with `weights`, also a histogram of the scored weights' |w|."""
+    with `weights`, also a histogram of the scored weights' |w|. `topk` is the run's k: the
+    top-k-mean/median ratio says how far the selected weights stand above a typical one."""
     matrices = list(matrices)
     total = sum(m.view(scores[m.param]).numel() for m in matrices)
-    tail_m = int(min(10_000, max(10, total * TAIL_FRACTION)))
+    tail_m = max(tail_order_statistics(total) + 1, topk)
     overall, per_layer, samples, tops = _Moments(), {}, [], []
     by_component: dict[str, list[int]] = {}
     for m in matrices:
@@ -133,11 +145,10 @@ def sensitivity_stats(
         overall.add(view)
         flat = view.reshape(-1)
         top = torch.topk(flat, min(tail_m, flat.numel())).values.float().cpu()
-        sample = _sample(view, SAMPLE_PER_MATRIX)
-        local_m = max(10, min(len(top), int(flat.numel() * TAIL_FRACTION)))
         summary = moments.summary()
         per_layer[m.key] = {"param": m.param, "layer": m.layer, "component": m.component,
-                            "expert": m.expert, **summary, **_tail(top[:local_m], sample, summary)}
+                            "expert": m.expert, **summary,
+                            **_tail(top, _sample(view, SAMPLE_PER_MATRIX), summary, topk)}
         # weight the global sample by matrix size so big matrices are not under-represented
         samples.append(_sample(view, max(16, SAMPLE_PER_MATRIX * flat.numel() * len(matrices)
                                          // max(total, 1))))
@@ -147,7 +158,7 @@ def sensitivity_stats(
     global_top = torch.topk(torch.cat(tops), tail_m).values
     global_sample = torch.cat(samples)
     result = {
-        "global": {**global_summary, **_tail(global_top, global_sample, global_summary),
+        "global": {**global_summary, **_tail(global_top, global_sample, global_summary, topk),
                    "ccdf": ccdf(global_top, global_sample, total)},
         "heavy_tail_rule": HEAVY_TAIL_RULE,
         "ccdf_note": CCDF_NOTE,
@@ -167,7 +178,7 @@ def _component(idx: list[int], matrices: list[LogicalMatrix], scores: Mapping[st
     count = sum(matrices[i].view(scores[matrices[i].param]).numel() for i in idx)
     merged = torch.cat([tops[i] for i in idx])
     top = torch.topk(merged, min(tail_m, len(merged))).values
-    local_m = max(10, min(len(top), int(count * TAIL_FRACTION)))
+    alpha, used = hill_tail_index(top[: tail_order_statistics(count) + 1])
     return {"count": count, "n_matrices": len(idx), "max": float(top[0]),
-            "hill_tail_index": hill_tail_index(top[:local_m]), "hill_order_statistics": local_m,
+            "hill_tail_index": alpha, "hill_order_statistics": used,
             "ccdf": ccdf(top, torch.cat([samples[i] for i in idx]), count)}

@@ -1,0 +1,161 @@
+"""`esa compare`: how far the top-k sets of several result folders agree.
+
+Runs are compared weight by weight (param, expert, row, col), so every folder must come from the
+same model: the top-k sets of two different models share no weights, and matching them by
+(layer, component) position would compare unrelated numbers. Such folders are refused with the
+reason. Different metrics, modes, k and seeds on one model are what this command is for.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esa_core import criteria
+from esa_core.errors import EsaError
+from esa_core.results import atomic_write_bytes, prepare_out_dir, read_json, write_json
+from esa_core.stability import JACCARD_NOTE, jaccard, rank_correlation
+
+MANIFEST = "experiment_manifest.json"
+TOP_WEIGHTS = "top_weights.csv"
+HEATMAP = "comparison_heatmap.png"
+CONSISTENCY_MIN = 0.3  # the guide's Jaccard threshold, applied across runs
+SAME_MODEL_KEYS = ("id", "n_params")
+
+
+@dataclass
+class RunTop:
+    """One result folder's top-k weights: their identities and scores, and what produced them."""
+
+    label: str
+    folder: Path
+    model: dict[str, Any]
+    config: dict[str, Any]
+    weights: list[tuple[str, str, str, str]]  # (param, expert, row, col)
+    scores: dict[tuple[str, str, str, str], float]
+
+
+def read_run(folder: Path) -> RunTop:
+    """Read a result folder's manifest and top_weights.csv, or say what is missing."""
+    folder = Path(folder)
+    for name in (MANIFEST, TOP_WEIGHTS):
+        if not (folder / name).is_file():
+            raise EsaError(f"{folder} is not an ESA result folder: {name} is missing.")
+    manifest = read_json(folder / MANIFEST)
+    with open(folder / TOP_WEIGHTS, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    weights = [(r["param"], r["expert"], r["row"], r["col"]) for r in rows]
+    scores = {w: float(r["score"]) for w, r in zip(weights, rows)}
+    return RunTop(folder.name, folder, manifest["model"], manifest["config"], weights, scores)
+
+
+def _labels(runs: list[RunTop]) -> None:
+    """Folder names, made unique with their parent folder where two share a name."""
+    names = [r.folder.name for r in runs]
+    for r in runs:
+        if names.count(r.folder.name) > 1:
+            r.label = f"{r.folder.parent.name}/{r.folder.name}"
+    labels = [r.label for r in runs]
+    for i, r in enumerate(runs):
+        if labels.count(r.label) > 1:
+            r.label = f"{i + 1}:{r.label}"
+
+
+def _same_model(runs: list[RunTop]) -> None:
+    first = runs[0]
+    for r in runs[1:]:
+        differs = [k for k in SAME_MODEL_KEYS if r.model.get(k) != first.model.get(k)]
+        if differs:
+            raise EsaError(
+                f"cannot compare {first.folder} ({first.model.get('id')}, "
+                f"{first.model.get('model_type')}) with {r.folder} ({r.model.get('id')}, "
+                f"{r.model.get('model_type')}): they come from different models "
+                f"({', '.join(differs)} differ), whose top-k sets share no weights. "
+                "Compare runs of one model.")
+
+
+def compare(folders: list[Path]) -> dict[str, Any]:
+    """comparison.json: pairwise Jaccard of top-k sets and rank correlation on shared weights."""
+    if len(folders) < 2:
+        raise EsaError("esa compare needs at least two result folders.")
+    runs = [read_run(f) for f in folders]
+    _same_model(runs)
+    _labels(runs)
+    n = len(runs)
+    matrix = np.eye(n)
+    pairs = []
+    for i, j in combinations(range(n), 2):
+        a, b = runs[i], runs[j]
+        shared = [w for w in a.weights if w in b.scores]
+        value = jaccard(set(a.weights), set(b.weights))
+        matrix[i, j] = matrix[j, i] = value
+        rho = rank_correlation(np.array([a.scores[w] for w in shared]),
+                               np.array([b.scores[w] for w in shared])) if shared else None
+        pairs.append({"a": a.label, "b": b.label, "jaccard": value, "shared": len(shared),
+                      "spearman_shared": rho})
+    result = {
+        "runs": [{"label": r.label, "folder": str(r.folder), "metric": r.config.get("metric"),
+                  "mode": r.config.get("mode"), "topk": r.config.get("topk"),
+                  "seeds": r.config.get("seeds"), "n_selected": len(r.weights)} for r in runs],
+        "model": {k: runs[0].model.get(k) for k in ("id", "model_type", "n_params")},
+        "labels": [r.label for r in runs],
+        "jaccard_matrix": matrix.tolist(),
+        "jaccard_note": JACCARD_NOTE,
+        "pairs": pairs,
+        "spearman_note": "Spearman correlation of the two runs' scores over the weights both "
+                         "selected (null with fewer than two); scores of different metrics "
+                         "differ in scale, their order is what is compared.",
+    }
+    result["success_criteria"] = criteria.consistency(result["jaccard_matrix"])
+    return result
+
+
+def matrix_text(result: dict[str, Any]) -> str:
+    """The Jaccard matrix as a table with numbered rows, and the numbers' legend."""
+    labels, matrix = result["labels"], result["jaccard_matrix"]
+    head = "Jaccard  " + "  ".join(f"{i + 1:>5}" for i in range(len(labels)))
+    lines = [head] + [f"{i + 1:>7}  " + "  ".join(f"{v:5.3f}" for v in row)
+                      for i, row in enumerate(matrix)]
+    lines += [f"  {i + 1}: {label}" for i, label in enumerate(labels)]
+    return "\n".join(lines)
+
+
+def heatmap_png(result: dict[str, Any]) -> bytes:
+    """The Jaccard matrix as a heatmap (viridis: colour-blind safe), values in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, matrix = result["labels"], np.array(result["jaccard_matrix"])
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * n, 1.8 + 1.0 * n))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="black" if matrix[i, j] > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="Jaccard of top-k sets")
+    ax.set_title(f"Top-k overlap: {result['model']['id']}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_comparison(folders: list[Path], out_dir: Path, overwrite: bool) -> dict[str, Any]:
+    """Compare the folders and write comparison.json and the heatmap into `out_dir`."""
+    result = compare(folders)
+    out_dir = prepare_out_dir(Path(out_dir), overwrite)
+    write_json(out_dir / "comparison.json", result)
+    atomic_write_bytes(out_dir / HEATMAP, heatmap_png(result))
+    return result
