@@ -38,7 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-BASELINES = ("plain_fwd_bwd", "plain_fwd_bwd_scored", "plain_fwd", "eval_pass")
+BASELINES = ("plain_fwd_bwd", "plain_fwd_bwd_scored", "plain_fwd", "eval_pass",
+             "perturb_apply_restore")
 CONFIG = dict(vocab_size=49152, hidden_size=384, intermediate_size=1024, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
 DEFAULT_LAYERS = 8
@@ -113,7 +114,9 @@ def _loops(spec: dict, model, adapter, metrics: list[str]) -> dict:
     import torch
 
     from esa_core.engine import ScoringRun, batch_loss, only_scored_require_grad
+    from esa_core.perturbation import perturbed
     from esa_core.plugins import registry
+    from esa_core.selection import select
 
     size = spec["batch_size"]
     device = next(model.parameters()).device
@@ -145,6 +148,13 @@ def _loops(spec: dict, model, adapter, metrics: list[str]) -> dict:
         for batch in blocks.split(size):
             batch_loss(model, batch.to(device, non_blocking=True))
 
+    def perturb_apply_restore(_blocks):
+        """One perturbation condition: sign_flip of the per_layer top-100 (by |w|), applied in
+        place and restored with its checksum check, as the evaluation stage does per condition."""
+        with perturbed(condition, params, sign_flip, torch.Generator().manual_seed(0), 1.0, 0.0,
+                       pristine):
+            pass
+
     def scoring(name: str, checkpointing: bool = False):
         metric = registry().get("metric", name)()
         scored = adapter.scored_params(model, getattr(metric, "components", None) or ())
@@ -155,10 +165,16 @@ def _loops(spec: dict, model, adapter, metrics: list[str]) -> dict:
 
     default_scored = adapter.scored_params(model)
     n = sum(s.param.numel() for s in default_scored)
+    params = {s.name: s.param for s in default_scored}
+    condition = select({k: p.detach().abs() for k, p in params.items()},
+                       [m for s in default_scored for m in s.matrices], 100, "per_layer")
+    sign_flip = registry().get("perturbation", "sign_flip")()
+    pristine: dict[int, int] = {}  # a study's checksum cache: filled by the warm-up round
     loops = {"plain_fwd_bwd": (plain_fwd_bwd, n, 1),
              "plain_fwd_bwd_scored": (plain_fwd_bwd_scored, n, 1),
              "plain_fwd": (plain_fwd, n, 1),
-             "eval_pass": (eval_pass, n, 1)}
+             "eval_pass": (eval_pass, n, 1),
+             "perturb_apply_restore": (perturb_apply_restore, len(condition), 1)}
     for name in metrics:
         loops[name] = scoring(name)
     if spec.get("checkpointing"):
@@ -302,7 +318,11 @@ def bench(args, log) -> dict:
         scale = model == "config" and not args.no_scaling
         got = measure({**base, "model": model,
                        "sample_sizes": sizes if scale else [n]}, log)
-        results["models"][model] = {**got, "ratios": ratios(got["runs"])}
+        runs = got["runs"]
+        results["models"][model] = {
+            **got, "ratios": ratios(runs),
+            "perturb_apply_restore_vs_eval_pass": runs["perturb_apply_restore"]["wall_s"]
+            / runs["eval_pass"]["wall_s"]}
         if scale:
             runs = got["runs"]
             points = [(m, runs["grad_x_weight" if m == n else f"grad_x_weight@{m}"])
@@ -349,6 +369,8 @@ def table(results: dict) -> str:
             lines.append(f"| {name} | {row['wall_s']:.2f} | {row['cpu_s']:.2f} | "
                          f"{row['peak_bytes'] / 2**20:.0f} | {ratio} | "
                          f"{r['against'] if r else ''} | {above} |")
+        lines.append(f"\napply + restore of one perturbation condition / one evaluation pass: "
+                     f"{result['perturb_apply_restore_vs_eval_pass']:.4f}")
     sc = results.get("max_samples_scaling")
     if sc:
         lines.append("\n## grad_x_weight time against --max-samples (config model)\n")

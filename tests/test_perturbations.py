@@ -161,6 +161,28 @@ def test_a_rule_that_writes_outside_its_selection_is_caught(model_parts):
             pass
 
 
+def test_the_study_checksum_cache_still_catches_a_rogue_rule(registry, model_parts):
+    """The cache of unperturbed checksums saves work across conditions, never a check."""
+    model, params, matrices, scores = model_parts
+
+    class Rogue(Perturbation):
+        name = "rogue"
+
+        def perturb(self, values, matrix, generator, scale, prob):
+            matrix.view(-1)[-1] += 1.0
+            return values, {}
+
+    pristine: dict[int, int] = {}
+    chosen = select(scores, matrices, 2, "per_layer")
+    with perturbed(chosen, params, rule(registry, "sign_flip"), torch.Generator(), 1.0, 0.0,
+                   pristine):
+        pass
+    assert set(pristine) == {id(p) for p in params.values()}
+    with pytest.raises(RestoreError):
+        with perturbed(chosen, params, Rogue(), torch.Generator(), 1.0, 0.0, pristine):
+            pass
+
+
 # ----------------------------------------------------------------------------- control sets
 
 

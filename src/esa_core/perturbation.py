@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +60,13 @@ def _flat(param: nn.Parameter) -> torch.Tensor:
 @contextmanager
 def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
               perturbation: Perturbation, generator: torch.Generator, scale: float,
-              prob: float) -> Iterator[dict[str, int]]:
+              prob: float, pristine: dict[int, int] | None = None) -> Iterator[dict[str, int]]:
     """Perturb `selection` in place for the `with` body; yield the summed facts; restore exactly.
 
     Only the selected values are saved. Raises RestoreError if the touched parameters' checksum
-    differs afterwards.
+    differs afterwards. `pristine` caches the unperturbed checksums (by parameter id) across
+    conditions: every condition starts from the verified-restored weights, so each parameter's
+    "before" is taken once per study instead of once per condition.
     """
     touched = []
     for picks in selection.picks:
@@ -72,7 +74,10 @@ def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
         index = picks.flat(param.shape).to(param.device)
         touched.append((picks.matrix, param, index, _flat(param)[index].clone()))
     owners = list({id(param): param for _, param, _, _ in touched}.values())
-    before = checksum(owners)
+    cache = {} if pristine is None else pristine
+    missing = [p for p in owners if id(p) not in cache]
+    cache.update(zip(map(id, missing), checksum(missing)))
+    before = [cache[id(p)] for p in owners]
     facts: dict[str, int] = {}
     try:
         for matrix, param, index, original in touched:
@@ -118,6 +123,7 @@ class Study:
     seeds: Sequence[int]
     batch_size: int = 1
     progress: bool = False
+    pristine_checksums: dict[int, int] = field(default_factory=dict)
 
     def evaluate(self, label: str) -> Evaluation:
         return evaluate(self.model, self.eval_blocks, self.batch_size, self.progress, label)
@@ -127,7 +133,7 @@ class Study:
         """Perturb `selection` with the rule seeded by `seed`, evaluate, restore."""
         generator = generator_for(seed, "perturb")
         with perturbed(selection, self.params, self.perturbation, generator, self.scale,
-                       self.prob) as facts:
+                       self.prob, self.pristine_checksums) as facts:
             result = self.evaluate(f"{label} seed {seed}")
         return {
             "seed": seed,
