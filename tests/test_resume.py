@@ -157,3 +157,74 @@ def test_sigkill_during_scoring_then_resume(command, reference, tmp_path, monkey
     scored = resume_counting_seeds(command, out_dir, monkeypatch)
     assert scored == SEEDS[len(saved):]
     assert_equals_uninterrupted(out_dir, reference)
+
+
+# ------------------------------------------------------------------ during the perturbation stage
+
+PERTURB = ["--perturb", "sign_flip", "--controls", "random_k,bottom_k", "--control-repeats",
+           "40", "--eval-samples", "40"]
+
+
+@pytest.fixture(scope="module")
+def perturb_command(command) -> list[str]:
+    # later flags win: more evaluation blocks and 52 trials, so the stage lasts long enough
+    return [*command, *PERTURB]
+
+
+@pytest.fixture(scope="module")
+def perturb_reference(perturb_command, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("perturb-reference") / "run"
+    result = run_here(perturb_command, out_dir)
+    assert result.exit_code == 0, result.output
+    return out_dir
+
+
+def stop_during_perturbation(command: list[str], out_dir: Path, sig: signal.Signals) -> int:
+    """Start `esa run`, send `sig` once the first perturbation trial is saved; return how many
+    trial units were saved when the process ended."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "esa_core.cli", *command, "--out-dir",
+                             str(out_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    folder = out_dir / "checkpoints"
+    try:
+        while not list(folder.glob("perturb_*_seed*.json")):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), stderr
+    saved = len(list(folder.glob("perturb_*_seed*.json")))
+    assert 0 < saved < 52, "not stopped mid-stage"
+    assert not (out_dir / "perturbation_results.json").exists()
+    return saved
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_stopped_during_perturbation_then_resume(perturb_command, perturb_reference, tmp_path,
+                                                 monkeypatch, sig):
+    from esa_core import perturbation
+
+    out_dir = tmp_path / "run"
+    saved = stop_during_perturbation(perturb_command, out_dir, sig)
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
+
+    trials = []
+    real = perturbation.Study._trial
+    monkeypatch.setattr(perturbation.Study, "_trial",
+                        lambda self, *a: trials.append(a) or real(self, *a))
+    result = run_here(perturb_command, out_dir, "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(trials) == 52 - saved  # finished trials are not evaluated again
+    for name in ("perturbation_results.json", "control_analysis.json"):
+        got, want = (json.loads((d / name).read_text()) for d in (out_dir, perturb_reference))
+        assert got == want, name
+    assert (out_dir / "top_weights.csv").read_bytes() == (
+        perturb_reference / "top_weights.csv").read_bytes()
+    assert not (out_dir / "checkpoints").exists()
+    assert not [p for p in out_dir.rglob("*.tmp")]

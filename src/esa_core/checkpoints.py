@@ -19,7 +19,7 @@ import torch
 from esa_core import distributed
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError
-from esa_core.results import MANIFEST, atomic_path, read_json, write_json
+from esa_core.results import MANIFEST, atomic_path, read_json, restore_nonfinite, write_json
 from esa_core.selection import Picks, Selection
 
 #: settings that say where and how verbosely to write, not what is computed
@@ -115,7 +115,9 @@ class Checkpoints:
         if not path.is_file():
             return None
         saved = read_json(path)
-        return saved["data"] if saved.get("fingerprint") == self.fingerprint else None
+        if saved.get("fingerprint") != self.fingerprint:
+            return None
+        return restore_nonfinite(saved["data"])
 
     def clear(self) -> None:
         if distributed.is_main():

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from esa_core import criteria
 from esa_core.api import LogicalMatrix, Perturbation, ScoredParam
+from esa_core.checkpoints import Checkpoints
 from esa_core.config import RunConfig
 from esa_core.controls import WeightIndex, control_set, overlap
 from esa_core.evaluation import Evaluation, evaluate
@@ -124,13 +126,31 @@ class Study:
     batch_size: int = 1
     progress: bool = False
     pristine_checksums: dict[int, int] = field(default_factory=dict)
+    #: where each finished evaluation is saved as it completes, so --resume skips it
+    checkpoints: Checkpoints | None = None
 
     def evaluate(self, label: str) -> Evaluation:
         return evaluate(self.model, self.eval_blocks, self.batch_size, self.progress, label)
 
+    def _once(self, unit: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`compute()`, or its value saved by an interrupted run of the same settings."""
+        unit = "perturb_" + re.sub(r"[^A-Za-z0-9_]+", "_", unit)
+        saved = self.checkpoints.load_json(unit) if self.checkpoints else None
+        if saved is not None:
+            return saved
+        value = compute()
+        if self.checkpoints:
+            self.checkpoints.save_json(unit, value)
+        return value
+
     def trial(self, selection: Selection, seed: int, label: str,
               baseline: Evaluation) -> dict[str, Any]:
         """Perturb `selection` with the rule seeded by `seed`, evaluate, restore."""
+        return self._once(f"{label}_seed{seed}",
+                          lambda: self._trial(selection, seed, label, baseline))
+
+    def _trial(self, selection: Selection, seed: int, label: str,
+               baseline: Evaluation) -> dict[str, Any]:
         generator = generator_for(seed, "perturb")
         with perturbed(selection, self.params, self.perturbation, generator, self.scale,
                        self.prob, self.pristine_checksums) as facts:
@@ -151,7 +171,8 @@ class Study:
     def run(self, controls: Sequence[str], control_repeats: int = 0) -> dict[str, Any]:
         """perturbation_results.json: the baseline, then each condition over the seeds."""
         index = WeightIndex(self.matrices, self.params)
-        baseline = self.evaluate("baseline")
+        baseline = Evaluation(**self._once("baseline",
+                                           lambda: self.evaluate("baseline").to_dict()))
         results: dict[str, Any] = {
             "perturbation": {"name": self.perturbation.name, "scale": self.scale,
                              "prob": self.prob},
@@ -303,14 +324,16 @@ def _fmt(value: Any) -> str:
 
 def run_stage(config: RunConfig, registry: Registry, model: nn.Module,
               scored: Sequence[ScoredParam], scores: Mapping[str, torch.Tensor],
-              super_set: Selection, eval_blocks: torch.Tensor, out_dir: Path) -> list[dict]:
+              super_set: Selection, eval_blocks: torch.Tensor, out_dir: Path,
+              checkpoints: Checkpoints | None = None) -> list[dict]:
     """The pipeline's evaluation stage: run the study, write its files, return the criteria."""
     study = Study(
         model=model, params={s.name: s.param for s in scored},
         matrices=[m for s in scored for m in s.matrices], scores=scores, super_set=super_set,
         eval_blocks=eval_blocks, perturbation=registry.get("perturbation", config.perturb)(),
         scale=config.perturb_scale, prob=config.perturb_prob, topk=config.topk,
-        mode=config.mode, seeds=config.seeds, batch_size=config.batch_size, progress=True)
+        mode=config.mode, seeds=config.seeds, batch_size=config.batch_size, progress=True,
+        checkpoints=checkpoints)
     results = study.run(config.controls, config.control_repeats)
     write_json(out_dir / "perturbation_results.json", results)
     analysis = analyse(results) if config.controls else None

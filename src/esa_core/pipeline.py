@@ -221,7 +221,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             with stages.stage("evaluation"):
                 manifest["success_criteria"] += perturbation.run_stage(
                     config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
-                    out_dir)
+                    out_dir, checkpoints)
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
             figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None

@@ -71,6 +71,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def restore_nonfinite(value: Any) -> Any:
+    """The inverse of `finite_json` for dicts: null + `<key>_nonfinite` flag -> the float."""
+    if isinstance(value, dict):
+        out = {k: restore_nonfinite(v) for k, v in value.items() if not k.endswith("_nonfinite")}
+        for key, flag in value.items():
+            if key.endswith("_nonfinite") and value.get(key[: -len("_nonfinite")]) is None:
+                out[key[: -len("_nonfinite")]] = float(flag)
+        return out
+    if isinstance(value, list):
+        return [restore_nonfinite(v) for v in value]
+    return value
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it into place (rank 0 only)."""
     if not distributed.is_main():
