@@ -34,23 +34,24 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1,
              progress: bool = False, label: str = "evaluating") -> Evaluation:
     """Perplexity and accuracy of `model` on token `blocks` [n, seq_len], `batch_size` at a time."""
     device = next(model.parameters()).device
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = 0
+    # sums stay on the device: no host sync inside the batch loop, one transfer at the end
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     tokens = 0
-    nonfinite = False
     for batch in tqdm(blocks.split(batch_size), desc=label, unit="batch", leave=False,
                       disable=None if progress else True):
         batch = batch.to(device, non_blocking=True)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        nonfinite |= bool((~torch.isfinite(logits)).any())
+        nonfinite |= (~torch.isfinite(logits)).any()
         total_loss += nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), reduction="sum").double().cpu()
-        correct += int((logits.argmax(-1) == targets).sum())
+            logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
+        correct += (logits.argmax(-1) == targets).sum()
         tokens += targets.numel()
     loss = float(total_loss) / tokens
     if math.isnan(loss):
         ppl = math.nan
     else:
         ppl = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows a double past 709
-    return Evaluation(loss, ppl, correct / tokens, tokens, nonfinite)
+    return Evaluation(loss, ppl, int(correct) / tokens, tokens, bool(nonfinite))
