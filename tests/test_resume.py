@@ -63,20 +63,16 @@ def reference(command, tmp_path_factory) -> Path:
     return out_dir
 
 
-def start_and_stop(command: list[str], out_dir: Path, sig: signal.Signals) -> list[int]:
-    """Start `esa run` in its own process, send `sig` once a seed is checkpointed.
-
-    Returns the seeds the checkpoint holds after the process has ended.
-    """
+def signal_when(command: list[str], out_dir: Path, sig: signal.Signals, ready) -> None:
+    """Start `esa run` in its own process and send `sig` as soon as `ready()` holds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "esa_core.cli", *command, "--out-dir",
                              str(out_dir)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    checkpoint = out_dir / "checkpoints" / "scores.safetensors"
     try:
-        while not checkpoint.exists():
+        while not ready():
             assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.02)
+            time.sleep(0.002)
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -84,6 +80,12 @@ def start_and_stop(command: list[str], out_dir: Path, sig: signal.Signals) -> li
             proc.kill()
             proc.wait()
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), stderr
+
+
+def start_and_stop(command: list[str], out_dir: Path, sig: signal.Signals) -> list[int]:
+    """Send `sig` once a seed is checkpointed; return the seeds the checkpoint then holds."""
+    checkpoint = out_dir / "checkpoints" / "scores.safetensors"
+    signal_when(command, out_dir, sig, checkpoint.exists)
     with safe_open(str(checkpoint), framework="pt") as f:
         saved = [int(s) for s in f.metadata()["seeds"].split(",")]
     assert saved == SEEDS[:len(saved)] and 0 < len(saved) < len(SEEDS), "not stopped mid-run"
@@ -180,24 +182,10 @@ def perturb_reference(perturb_command, tmp_path_factory) -> Path:
 
 
 def stop_during_perturbation(command: list[str], out_dir: Path, sig: signal.Signals) -> int:
-    """Start `esa run`, send `sig` once the first perturbation trial is saved; return how many
-    trial units were saved when the process ended."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "esa_core.cli", *command, "--out-dir",
-                             str(out_dir)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """Send `sig` once the first perturbation trial is saved; return how many trial units were
+    saved when the process ended."""
     folder = out_dir / "checkpoints"
-    try:
-        while not list(folder.glob("perturb_*_seed*.json")):
-            assert proc.poll() is None, proc.communicate()[1]
-            time.sleep(0.002)
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), stderr
+    signal_when(command, out_dir, sig, lambda: bool(list(folder.glob("perturb_*_seed*.json"))))
     saved = len(list(folder.glob("perturb_*_seed*.json")))
     assert 0 < saved < 52, "not stopped mid-stage"
     assert not (out_dir / "perturbation_results.json").exists()
