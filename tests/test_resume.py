@@ -55,12 +55,16 @@ def run_here(command: list[str], out_dir: Path, *extra: str):
         return CliRunner().invoke(app, [*command, "--out-dir", str(out_dir), *extra])
 
 
-@pytest.fixture(scope="module")
-def reference(command, tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("reference") / "run"
+def uninterrupted(command: list[str], out_dir: Path) -> Path:
+    """The result folder of `command` run to the end, to compare resumed runs against."""
     result = run_here(command, out_dir)
     assert result.exit_code == 0, result.output
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def reference(command, tmp_path_factory) -> Path:
+    return uninterrupted(command, tmp_path_factory.mktemp("reference") / "run")
 
 
 def signal_when(command: list[str], out_dir: Path, sig: signal.Signals, ready) -> None:
@@ -175,10 +179,7 @@ def perturb_command(command) -> list[str]:
 
 @pytest.fixture(scope="module")
 def perturb_reference(perturb_command, tmp_path_factory) -> Path:
-    out_dir = tmp_path_factory.mktemp("perturb-reference") / "run"
-    result = run_here(perturb_command, out_dir)
-    assert result.exit_code == 0, result.output
-    return out_dir
+    return uninterrupted(perturb_command, tmp_path_factory.mktemp("perturb-reference") / "run")
 
 
 def stop_during_perturbation(command: list[str], out_dir: Path, sig: signal.Signals) -> int:
