@@ -13,7 +13,8 @@ from esa_core.cli import app
 
 RUNS = {"seed1337_k8": ["--seeds", "1337", "--topk", "8"],
         "seed123_k8": ["--seeds", "123", "--topk", "8"],
-        "seed1337_k4": ["--seeds", "1337", "--topk", "4", "--mode", "global"]}
+        "seed1337_k4": ["--seeds", "1337", "--topk", "4", "--mode", "global"],
+        "super_weight": ["--seeds", "1337", "--topk", "8", "--metric", "super_weight"]}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,10 @@ def run_dirs(tiny_llama_dir, tmp_path_factory):
     return folders
 
 
-def _csv(folder):
+def _csv(folder, component=None):
     with open(folder / "top_weights.csv", newline="") as f:
         return {(r["param"], r["expert"], r["row"], r["col"]): float(r["score"])
-                for r in csv.DictReader(f)}
+                for r in csv.DictReader(f) if component in (None, r["component"])}
 
 
 def _spearman(a, b):
@@ -71,6 +72,30 @@ def test_compare_prints_and_writes_the_jaccard_matrix(run_dirs, tmp_path, monkey
     for i, row in enumerate(matrix, start=1):
         assert f"{i:>7}  " + "  ".join(f"{v:5.3f}" for v in row) in result.output
     assert "consistency across runs" in result.output
+
+
+def test_runs_of_different_scopes_are_also_compared_on_the_components_both_scored(
+        run_dirs, tmp_path):
+    # super_weight scores only mlp.down: the others' attention picks can never meet it there
+    result = CliRunner().invoke(app, ["compare", str(run_dirs[0]), str(run_dirs[3]),
+                                      "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    pair, = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["pairs"]
+    assert pair["common_components"] == ["mlp.down"]
+    a, b = _csv(run_dirs[0], "mlp.down"), _csv(run_dirs[3], "mlp.down")
+    assert len(a) == len(b) > 0
+    hand = len(a.keys() & b.keys()) / len(a.keys() | b.keys())
+    assert pair["jaccard_common_components"] == pytest.approx(hand)
+    everything = _csv(run_dirs[0])
+    assert pair["jaccard"] == pytest.approx(len(everything.keys() & b.keys())
+                                            / len(everything.keys() | b.keys()))
+    assert pair["jaccard"] < pair["jaccard_common_components"]
+    assert f"1 vs 2 on the components both scored (mlp.down): {hand:.3f}" in result.output
+    # runs of one scope carry no such field
+    result = CliRunner().invoke(app, ["compare", str(run_dirs[0]), str(run_dirs[1]),
+                                      "--out", str(tmp_path / "same")])
+    pair, = json.loads((tmp_path / "same" / "comparison.json").read_text())["pairs"]
+    assert "jaccard_common_components" not in pair
 
 
 def test_compare_refuses_runs_of_different_models(run_dirs, tmp_path):

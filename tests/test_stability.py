@@ -175,6 +175,27 @@ def test_one_seed_skips_stability_with_a_note(tiny_llama_dir, text_file, tmp_pat
     assert "one" in rows["stability: jaccard_mean"]["note"]
 
 
+def test_a_data_free_metric_skips_the_stability_criteria_with_the_reason(
+        tiny_llama_dir, text_file, tmp_path):
+    # magnitude reads no data: its seeds agree by construction, which proves nothing
+    result = small_run(tiny_llama_dir, text_file, tmp_path / "run", metric="magnitude",
+                       seeds=[1337, 123], stability_check=True)
+    summary = json.loads((result.out_dir / "stability_summary.json").read_text())
+    assert summary["jaccard_all"] == [1.0]
+    assert "no calibration data" in summary["data_free_note"]
+    rows = {r["criterion"]: r for r in result.manifest["success_criteria"]}
+    for name in ("stability: jaccard_mean", "stability: jaccard_std"):
+        assert rows[name]["verdict"] == "SKIP"
+        assert rows[name]["note"] == summary["data_free_note"]
+    # a metric that reads data keeps its verdict
+    result = small_run(tiny_llama_dir, text_file, tmp_path / "gxw", seeds=[1337, 123],
+                       stability_check=True)
+    summary = json.loads((result.out_dir / "stability_summary.json").read_text())
+    assert "data_free_note" not in summary
+    rows = {r["criterion"]: r for r in result.manifest["success_criteria"]}
+    assert rows["stability: jaccard_mean"]["verdict"] in ("PASS", "FAIL")
+
+
 def test_cli_stability_check_writes_the_guides_keys(tiny_llama_dir, text_file, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [

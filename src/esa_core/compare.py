@@ -4,6 +4,8 @@ Runs are compared weight by weight (param, expert, row, col), so every folder mu
 same model: the top-k sets of two different models share no weights, and matching them by
 (layer, component) position would compare unrelated numbers. Such folders are refused with the
 reason. Different metrics, modes, k and seeds on one model are what this command is for.
+Runs that scored different components (super_weight scores only down-projections) are also
+compared on the components both scored, since the others' top-k can never meet there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RunTop:
     config: dict[str, Any]
     weights: list[tuple[str, str, str, str]]  # (param, expert, row, col)
     scores: dict[tuple[str, str, str, str], float]
+    component: dict[tuple[str, str, str, str], str]  # each selected weight's component
+    scope: frozenset[str] | None  # the components the run scored; None where unrecorded
 
 
 def read_run(folder: Path) -> RunTop:
@@ -52,7 +56,10 @@ def read_run(folder: Path) -> RunTop:
         rows = list(csv.DictReader(f))
     weights = [(r["param"], r["expert"], r["row"], r["col"]) for r in rows]
     scores = {w: float(r["score"]) for w, r in zip(weights, rows)}
-    return RunTop(folder.name, folder, manifest["model"], manifest["config"], weights, scores)
+    component = {w: r["component"] for w, r in zip(weights, rows)}
+    scope = manifest.get("metric", {}).get("components")
+    return RunTop(folder.name, folder, manifest["model"], manifest["config"], weights, scores,
+                  component, frozenset(scope) if scope else None)
 
 
 def _labels(runs: list[RunTop]) -> None:
@@ -80,6 +87,13 @@ def _same_model(runs: list[RunTop]) -> None:
                 "Compare runs of one model.")
 
 
+def _common_scope(a: RunTop, b: RunTop) -> frozenset[str] | None:
+    """The components both runs scored, where their scopes differ; None where they agree."""
+    if a.scope is None or b.scope is None or a.scope == b.scope:
+        return None
+    return a.scope & b.scope
+
+
 def compare(folders: list[Path]) -> dict[str, Any]:
     """comparison.json: pairwise Jaccard of top-k sets and rank correlation on shared weights."""
     if len(folders) < 2:
@@ -97,8 +111,15 @@ def compare(folders: list[Path]) -> dict[str, Any]:
         matrix[i, j] = matrix[j, i] = value
         rho = rank_correlation(np.array([a.scores[w] for w in shared]),
                                np.array([b.scores[w] for w in shared])) if shared else None
-        pairs.append({"a": a.label, "b": b.label, "jaccard": value, "shared": len(shared),
-                      "spearman_shared": rho})
+        pair = {"a": a.label, "b": b.label, "jaccard": value, "shared": len(shared),
+                "spearman_shared": rho}
+        common = _common_scope(a, b)
+        if common is not None:
+            pair["common_components"] = sorted(common)
+            pair["jaccard_common_components"] = jaccard(
+                {w for w in a.weights if a.component[w] in common},
+                {w for w in b.weights if b.component[w] in common})
+        pairs.append(pair)
     result = {
         "runs": [{"label": r.label, "folder": str(r.folder), "metric": r.config.get("metric"),
                   "mode": r.config.get("mode"), "topk": r.config.get("topk"),
@@ -111,6 +132,9 @@ def compare(folders: list[Path]) -> dict[str, Any]:
         "spearman_note": "Spearman correlation of the two runs' scores over the weights both "
                          "selected (null with fewer than two); scores of different metrics "
                          "differ in scale, their order is what is compared.",
+        "scope_note": "where two runs scored different components, `jaccard` still counts "
+                      "every selected weight and `jaccard_common_components` counts only the "
+                      "weights of the components both runs scored.",
     }
     result["success_criteria"] = criteria.consistency(result["jaccard_matrix"])
     return result
@@ -123,6 +147,12 @@ def matrix_text(result: dict[str, Any]) -> str:
     lines = [head] + [f"{i + 1:>7}  " + "  ".join(f"{v:5.3f}" for v in row)
                       for i, row in enumerate(matrix)]
     lines += [f"  {i + 1}: {label}" for i, label in enumerate(labels)]
+    for p in result["pairs"]:
+        if "jaccard_common_components" in p:
+            a, b = labels.index(p["a"]) + 1, labels.index(p["b"]) + 1
+            lines.append(f"  {a} vs {b} on the components both scored "
+                         f"({', '.join(p['common_components'])}): "
+                         f"{p['jaccard_common_components']:.3f}")
     return "\n".join(lines)
 
 

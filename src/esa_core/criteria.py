@@ -38,11 +38,14 @@ def phase2(stability: dict[str, Any] | None, stats: dict[str, Any]) -> list[dict
     """Phase 2 (sensitivity discovery): a stable top-k set and a heavy-tailed distribution.
 
     `stability` is stability_summary.json's content, a `{"skipped": note}`, or None when
-    --stability-check was not given; `stats` is sensitivity_stats.json's content.
+    --stability-check was not given; a data-free metric's summary skips the rows too.
+    `stats` is sensitivity_stats.json's content.
     """
-    if stability is None or "skipped" in stability:
-        note = (stability or {}).get(
-            "skipped", "run with --stability-check and two or more --seeds")
+    if stability is None:
+        note = "run with --stability-check and two or more --seeds"
+    else:  # a skipped check, or a data-free metric whose seeds agree by construction
+        note = stability.get("skipped") or stability.get("data_free_note")
+    if note:
         rows = [skipped("stability: jaccard_mean", ">", JACCARD_MEAN_MIN, note),
                 skipped("stability: jaccard_std", "<", JACCARD_STD_MAX, note)]
     else:

@@ -212,7 +212,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         if config.stability_check:
             with stages.stage("stability"):
                 summary = stability.write_summary(out_dir, seed_tops, config.seeds,
-                                                  config.topk, config.mode)
+                                                  config.topk, config.mode,
+                                                  data_free=not metric.needs)
             manifest["stability"] = summary if "skipped" in summary else {
                 "file": "stability_summary.json",
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}

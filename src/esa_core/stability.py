@@ -30,6 +30,9 @@ JACCARD_NOTE = "|A ∩ B| / |A ∪ B| of two top-k sets; 1.0 when both are empty
 PAIR_ORDER = "every pair (a, b) of seeds with a listed before b in --seeds"
 ONE_SEED_NOTE = ("stability check skipped: it compares the top-k sets of two or more seeds, "
                  "and this run has one (pass e.g. --seeds 1337,123,999).")
+DATA_FREE_NOTE = ("the metric reads no calibration data, so every seed gives the same scores: "
+                  "the Jaccard of 1.0 holds by construction and says nothing about stability "
+                  "across data; the stability criteria are skipped.")
 RANK_NOTE = ("Spearman correlation of two seeds' scores over the union of all seeds' top-k sets "
              "(per matrix in per_layer mode, then averaged). Each seed recorded its own top-4k "
              "scores; a weight below a seed's top 4k ranks below all of them, tied with the "
@@ -195,8 +198,12 @@ def summarize(tops: Mapping[int, SeedTop], k: int, mode: str) -> dict[str, Any]:
 
 
 def write_summary(out_dir: Path, tops: Mapping[int, SeedTop], seeds: Sequence[int], k: int,
-                  mode: str) -> dict[str, Any]:
-    """Write stability_summary.json; with one seed, skip with a note instead of failing."""
+                  mode: str, data_free: bool = False) -> dict[str, Any]:
+    """Write stability_summary.json; with one seed, skip with a note instead of failing.
+
+    `data_free`: the metric reads no data (e.g. magnitude), so agreement across seeds is a
+    tautology; the summary says so in `data_free_note` and the criteria skip it.
+    """
     note = ONE_SEED_NOTE if len(seeds) < 2 else None
     if note is None and set(tops) != set(seeds):
         note = ("stability check skipped: seeds restored by --resume kept no top-4k scores; "
@@ -205,5 +212,7 @@ def write_summary(out_dir: Path, tops: Mapping[int, SeedTop], seeds: Sequence[in
         log.warning(note)
         return {"skipped": note}
     summary = summarize(tops, k, mode)
+    if data_free:
+        summary["data_free_note"] = DATA_FREE_NOTE
     write_json(out_dir / "stability_summary.json", summary)
     return summary
