@@ -70,9 +70,12 @@ def reference(command, tmp_path_factory) -> Path:
 def signal_when(command: list[str], out_dir: Path, sig: signal.Signals, ready) -> None:
     """Start `esa run` in its own process and send `sig` as soon as `ready()` holds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a shell's background job (`cmd &`) ignores SIGINT, and a child inherits that: restore
+    # the default so the run gets its KeyboardInterrupt wherever the tests are started from
     proc = subprocess.Popen([sys.executable, "-m", "esa_core.cli", *command, "--out-dir",
                              str(out_dir)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while not ready():
             assert proc.poll() is None, proc.communicate()[1]
