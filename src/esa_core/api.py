@@ -1,4 +1,4 @@
-"""The contracts a plugin implements: Metric, Perturbation, ModelAdapter.
+"""The contracts a plugin implements: Metric, Perturbation, ModelAdapter, Evaluator.
 
 The engine owns forward, backward, hooks, accumulation, selection and restoring weights.
 A metric is only its formula, a perturbation only its rule, an adapter only its family's layout.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,71 @@ class Perturbation(Configurable):
         --perturb-scale, `prob` is --perturb-prob. `facts` maps names to counts (e.g. bits
         flipped); the engine sums them over the matrices of a condition.
         """
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- evaluators
+
+RELATIVE = "relative"  # change = value / baseline - 1 (perplexity: x2 is +1.0)
+DIFFERENCE = "difference"  # change = baseline - value (accuracy: 0.62 -> 0.40 is 0.22)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One number an evaluator reports, and how a perturbation's effect on it is expressed.
+
+    `name` is the value's key (`ppl`); `change_name` the key of its change against the
+    unperturbed baseline (`ppl_change`). `higher_is_better` orients the change so that damage
+    is always positive: a relative change of a higher-is-better value is 1 - value / baseline,
+    a difference of a lower-is-better value is value - baseline.
+    """
+
+    name: str
+    change_name: str
+    higher_is_better: bool
+    change: str = RELATIVE
+    help: str = ""
+
+    def damage(self, value: float, baseline: float) -> float:
+        """The change from `baseline` to `value`, positive when the model got worse."""
+        if self.change == RELATIVE:
+            delta = value / baseline - 1.0 if baseline else math.nan
+        else:
+            delta = value - baseline
+        return -delta if self.higher_is_better else delta
+
+
+@dataclass
+class EvalData:
+    """What an evaluator may use: the run's held-out token blocks, its tokenizer, batch size."""
+
+    blocks: torch.Tensor  # [n, seq_len] token ids, disjoint from every calibration block
+    tokenizer: Any
+    batch_size: int = 1
+
+
+class Evaluator(Configurable):
+    """Measures a model's behaviour: the baseline, then again under each perturbation.
+
+    `measures()` declares what `evaluate` returns, the first being the primary measure that the
+    success criteria judge by. `prepare` runs once before the baseline (load task data, check
+    that what is needed exists, raising EsaError with one line if not). `evaluate` runs once per
+    model state, on the model as it is (perturbed in place, in eval mode): it must not modify
+    the model nor keep references to its tensors. It returns a flat dict holding a float for
+    every declared measure's `name`; other JSON-able keys (token counts, `nonfinite_outputs`)
+    are recorded beside them. A model whose outputs turned non-finite is a result: report
+    inf/NaN values, never raise.
+    """
+
+    def measures(self) -> tuple[Measure, ...]:
+        """The measures `evaluate` returns; may depend on the options (one per task, say)."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, data: EvalData) -> None:
+        """Once per run, before the baseline: load and check what evaluation needs."""
+
+    def evaluate(self, model: nn.Module, data: EvalData, label: str = "") -> dict[str, Any]:
+        """Every declared measure's value (and any extra facts) for the model as it is now."""
         raise NotImplementedError
 
 

@@ -42,3 +42,8 @@ def register_perturbations(register: Callable[[type], None]) -> None:
 @hookspec
 def register_model_adapters(register: Callable[[type], None]) -> None:
     """Register model adapters: `register(cls)` for each subclass of `esa_core.api.ModelAdapter`."""
+
+
+@hookspec
+def register_evaluators(register: Callable[[type], None]) -> None:
+    """Register evaluators: `register(cls)` for each subclass of `esa_core.api.Evaluator`."""

@@ -24,6 +24,7 @@ KINDS = {
     "metric": "register_metrics",
     "perturbation": "register_perturbations",
     "model adapter": "register_model_adapters",
+    "evaluator": "register_evaluators",
 }
 
 
@@ -67,6 +68,10 @@ class Registry:
     @property
     def model_adapters(self) -> dict[str, type]:
         return self.of_kind("model adapter")
+
+    @property
+    def evaluators(self) -> dict[str, type]:
+        return self.of_kind("evaluator")
 
     @property
     def failures(self) -> list[PluginInfo]:

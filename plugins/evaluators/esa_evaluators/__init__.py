@@ -1,0 +1,9 @@
+"""ESA's built-in evaluators, registered through the `esa` entry-point group."""
+
+from esa_core import hookimpl
+from esa_evaluators.perplexity import Perplexity
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Perplexity)
