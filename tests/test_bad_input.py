@@ -110,6 +110,30 @@ CASES = [
     ("resume a complete run", {"--out-dir": "done", "--resume": True}, ["already complete"]),
     ("resume with other settings", {"--out-dir": "interrupted", "--resume": True},
      ["the settings differ", "topk 7 -> 5)"]),
+    ("model safetensors truncated", {"--model": "cut_weights"},
+     ["cut_weights/model.safetensors is corrupt or truncated", "re-download it"]),
+    ("model safetensors damaged", {"--model": "bad_weights"},
+     ["bad_weights/model.safetensors is corrupt or truncated", "SafetensorError"]),
+    ("model gguf truncated", {"--model": "cut.gguf"},
+     ["cut.gguf is corrupt or truncated", "cannot reshape", "re-download it"]),
+    ("model gguf not a gguf", {"--model": "junk.gguf"},
+     ["junk.gguf is corrupt or truncated", "re-download it"]),
+    ("model config truncated", {"--model": "cut_config"},
+     ["could not read the config of 'cut_config'", "not a valid JSON file"]),
+    ("model without a tokenizer", {"--model": "no_tokenizer"},
+     ["no_tokenizer has no tokenizer", "tokenizer.json"]),
+    ("dataset binary", {"--dataset": "binary.txt"},
+     ["--dataset binary.txt is not UTF-8 text", "pass a plain-text .txt file"]),
+    ("dataset not UTF-8", {"--dataset": "latin1.txt"},
+     ["--dataset latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)"]),
+    ("dataset mostly control characters", {"--dataset": "controls.txt"},
+     ["--dataset controls.txt is not text", "control characters"]),
+    ("dataset folder with a binary file", {"--dataset": "mixed"},
+     ["mixed/b.txt is not UTF-8 text"]),
+    ("out-dir read-only", {"--out-dir": "read_only/run"},
+     ["cannot write", "read_only: permission denied", "Choose another --out-dir"]),
+    ("device cuda without CUDA", {"--device": "cuda"},
+     ["--device cuda was asked for, but torch sees no CUDA device"]),
 ]
 
 
@@ -163,6 +187,7 @@ def watched(tmp_path_factory, tiny_llama_dir) -> Path:
     tiny.tokenizer().save_pretrained(pickled)
     torch.save({"model.embed_tokens.weight": Pickled(root / "PWNED")},
                pickled / "pytorch_model.bin")
+    add_corrupt_inputs(root, tiny_llama_dir)
     (root / "foreign").mkdir()
     (root / "foreign" / "thesis.tex").write_text("someone else's work")
     (root / "done").mkdir()
@@ -173,6 +198,42 @@ def watched(tmp_path_factory, tiny_llama_dir) -> Path:
     (root / "interrupted" / "experiment_manifest.json").write_text(json.dumps(
         {"status": "interrupted", "config": config.resolved("cpu").to_dict()}))
     return root
+
+
+def add_corrupt_inputs(root: Path, model: Path) -> None:
+    """Damaged copies of a good model, a tiny truncated GGUF, and data that is not text."""
+    import random
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    for name in ("cut_weights", "bad_weights", "cut_config", "no_tokenizer"):
+        shutil.copytree(model, root / name)
+    weights = (model / "model.safetensors").read_bytes()
+    (root / "cut_weights" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "bad_weights" / "model.safetensors").write_bytes(b"\xff" * 8 + weights[8:])
+    config = (model / "config.json").read_bytes()
+    (root / "cut_config" / "config.json").write_bytes(config[: len(config) // 2])
+    for f in (root / "no_tokenizer").glob("*token*"):
+        f.unlink()
+    writer = gguf.GGUFWriter(root / "cut.gguf", "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = (root / "cut.gguf").read_bytes()
+    (root / "cut.gguf").write_bytes(whole[: len(whole) - 4000])
+    (root / "junk.gguf").write_bytes(b"not a gguf file at all")
+    (root / "binary.txt").write_bytes(random.Random(0).randbytes(5000))
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait ".encode("latin-1") * 500)
+    (root / "controls.txt").write_bytes(b"\x00\x01\x02 text " * 500)
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text(tiny.wikitext_sample(6000))
+    (root / "mixed" / "b.txt").write_bytes(random.Random(1).randbytes(5000))
+    (root / "read_only").mkdir()
+    (root / "read_only").chmod(0o555)
 
 
 @pytest.fixture
@@ -199,6 +260,12 @@ def test_bad_input_is_one_line_and_touches_nothing(changes, words, watched, tiny
                                                    monkeypatch):
     if "locked" in changes.values() and os.geteuid() == 0:
         pytest.skip("root reads a file whatever its permissions")
+    if changes.get("--device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if os.geteuid() == 0:  # root may write anywhere: the kernel's answer to anyone else, simulated
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            Path(path).name != "read_only" and access(path, mode, **kw)))
     monkeypatch.chdir(watched)
     before = fingerprint(watched, tiny_llama_dir)
     result = CliRunner().invoke(app, argv(changes, tiny_llama_dir))
