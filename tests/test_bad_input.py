@@ -6,6 +6,7 @@ the folder (and the model folder) is fingerprinted before and after, byte for by
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -325,3 +326,55 @@ def test_closest_choice_is_what_the_user_meant(value, meant):
     message = str(unknown_choice("metric", value, choices))
     assert (f"Did you mean '{meant}'?" in message) == (meant is not None)
     assert message.endswith(f"Valid choices: {', '.join(sorted(choices))}.")
+
+
+# what a run prints on stderr, where no terminal shows a bar, before it fails (esa_core.progress)
+PROGRESS_LINE = re.compile(r"(scoring seed \d+: \d+/\d+ batches, .* s, .*/s|\w+: done, [\d.]+ s)$")
+
+# (id, the errno a write into the result folder fails with, what the line must say)
+WRITE_FAULTS = [
+    ("disk full", errno.ENOSPC, ["the disk is full", "Free some space or choose another"]),
+    ("permission denied", errno.EACCES, ["permission denied", "change its permissions"]),
+    ("read-only file system", errno.EROFS, ["read-only file system", "Choose another --out-dir"]),
+]
+
+
+@pytest.mark.parametrize("code, words", [f[1:] for f in WRITE_FAULTS],
+                         ids=[f[0] for f in WRITE_FAULTS])
+def test_a_write_that_fails_mid_run_is_one_line(code, words, watched, tiny_llama_dir,
+                                                monkeypatch, tmp_path):
+    """Simulated: writing top_weights.csv fails as a full disk (or a revoked permission) would.
+    The inputs are untouched, no half-written file is left, the manifest says `interrupted`."""
+    write_bytes = Path.write_bytes
+
+    def fail_on_results(path, data):
+        if ".top_weights.csv." in path.name:
+            raise OSError(code, os.strerror(code), str(path))
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail_on_results)
+    monkeypatch.chdir(watched)
+    out_dir = tmp_path / "run"
+    before = fingerprint(watched, tiny_llama_dir)
+    result = CliRunner().invoke(app, argv({"--out-dir": str(out_dir)}, tiny_llama_dir))
+    assert result.exit_code == 2, result.output
+    *progress, error = result.stderr.strip().splitlines()
+    assert all(PROGRESS_LINE.match(line) for line in progress), result.stderr
+    assert error.startswith(f"Error: cannot write {out_dir / 'top_weights.csv'}: ")
+    assert_one_error_line(error, words)
+    assert fingerprint(watched, tiny_llama_dir) == before
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["last_completed_stage"] == "scoring"
+    assert manifest["error"] == f"EsaError: {error.removeprefix('Error: ')}"
+    assert not list(out_dir.glob("*top_weights*")) and not list(out_dir.glob(".*.tmp"))
+
+
+def test_fp16_on_a_cpu_is_supported_so_it_runs(watched, tiny_llama_dir, tmp_path, monkeypatch):
+    """torch computes fp16 on the CPU (slowly): --dtype fp16 is honoured, not refused."""
+    monkeypatch.chdir(watched)
+    out_dir = tmp_path / "fp16"
+    result = CliRunner().invoke(app, argv({"--dtype": "fp16", "--out-dir": str(out_dir)},
+                                          tiny_llama_dir))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float16"

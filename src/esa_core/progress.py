@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from esa_core import distributed
 
 INTERVAL_S = 30.0
+clock = time.monotonic
 T = TypeVar("T")
 _enabled = True
 
@@ -57,14 +58,14 @@ def track(items: Iterable[T], desc: str, unit: str, *, final: bool = True) -> It
         yield from tqdm(items, desc=desc, unit=unit, leave=False)
         return
     items = list(items)
-    start = last = time.monotonic()
+    start = last = now = clock()
     for done, item in enumerate(items, start=1):
         yield item
-        now = time.monotonic()
+        now = clock()
         if now - last >= INTERVAL_S and done < len(items):
             note(f"{desc}: {done}/{len(items)} {unit}, {now - start:.1f} s")
             last = now
-    elapsed = time.monotonic() - start
-    if final:
+    elapsed = now - start
+    if final and items:  # a data-free metric loops over nothing: no line to say so
         rate = f", {len(items) / elapsed:.1f} {unit}/s" if elapsed > 0 else ""
         note(f"{desc}: {len(items)}/{len(items)} {unit}, {elapsed:.1f} s{rate}")
