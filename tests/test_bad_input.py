@@ -24,7 +24,7 @@ from esa_core import pipeline
 from esa_core.api import Perturbation
 from esa_core.cli import app
 from esa_core.config import RunConfig
-from esa_core.errors import closest, unknown_choice
+from esa_core.errors import closest, unknown_choice, write_failure
 from esa_core.plugins import PluginInfo, Registry
 
 BASE = {"--model": "{tiny}", "--dataset": "small.txt", "--seq-len": "16", "--device": "cpu",
@@ -365,7 +365,7 @@ def test_a_write_that_fails_mid_run_is_one_line(code, words, watched, tiny_llama
     assert fingerprint(watched, tiny_llama_dir) == before
     manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["last_completed_stage"] == "scoring"
-    assert manifest["error"] == f"EsaError: {error.removeprefix('Error: ')}"
+    assert f"Error: [Errno {code}] {os.strerror(code)}" in manifest["error"]  # OS or Permission
     assert not list(out_dir.glob("*top_weights*")) and not list(out_dir.glob(".*.tmp"))
 
 
@@ -378,3 +378,16 @@ def test_fp16_on_a_cpu_is_supported_so_it_runs(watched, tiny_llama_dir, tmp_path
     assert result.exit_code == 0, result.output
     manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
     assert manifest["model"]["dtype"] == "float16"
+
+
+def test_a_full_disk_under_safetensors_is_recognised():
+    """safetensors reports a full disk as SafetensorError, the OS error inside its message."""
+    from safetensors import SafetensorError
+
+    raised = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                             'message: "No space left on device" })')
+    raised.esa_path = "out/checkpoints/scores.safetensors"
+    assert str(write_failure(raised)) == ("cannot write out/checkpoints/scores.safetensors: the "
+                                          "disk is full. Free some space or choose another "
+                                          "--out-dir.")
+    assert write_failure(SafetensorError("invalid header length")) is None

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import typer
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, write_failure
 
 app = typer.Typer(
     add_completion=False,
@@ -51,13 +51,17 @@ def _fail(message: str, verbose: bool, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextmanager
 def _guard(verbose: bool) -> Iterator[None]:
-    """Every failure is one line: the user's to fix (EsaError) exits 2; anything else exits 1,
-    naming the stage, the plugin that raised and error.log, which holds the traceback."""
+    """Every failure is one line: the user's to fix (EsaError, a full or read-only disk) exits 2;
+    anything else exits 1, naming the stage, the plugin that raised and error.log, which holds
+    the traceback."""
     try:
         yield
     except EsaError as exc:
         _fail(str(exc), verbose)
     except Exception as exc:
+        known = write_failure(exc)
+        if known is not None:
+            _fail(str(known), verbose)
         from esa_core import pipeline, unexpected
 
         modules = {e.cls.__module__: f"{e.kind} '{e.name}'"

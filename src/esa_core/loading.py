@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,13 @@ def gguf_as_folder(gguf: Path) -> Path:
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
-    except OSError:
+    except Exception as exc:  # OSError, or SafetensorError on a full disk
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        if not (target / "config.json").is_file():  # else another process made it meanwhile
+            explained = write_failure(exc, target, "point $ESA_CACHE_DIR to another folder")
+            if explained is None:
+                raise
+            raise explained from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -71,9 +71,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        explained = write_failure(exc, path) if isinstance(exc, OSError) else None
-        if explained is not None:
-            raise explained from exc
+        if not hasattr(exc, "esa_path"):
+            exc.esa_path = path  # a full disk is then reported by the file's own name
         raise
 
 
@@ -148,9 +147,14 @@ def check_writable(out_dir: Path) -> None:
     """Refuse a result folder that cannot be written before the model is loaded, not after."""
     existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
     if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY:
-        raise write_failure(OSError(errno.EROFS, "read-only"), existing)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise write_failure(OSError(errno.EACCES, "permission denied"), existing)
+        code = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    else:
+        return
+    failure = write_failure(OSError(code, os.strerror(code)), existing)
+    assert failure is not None
+    raise failure
 
 
 class FolderLock:
