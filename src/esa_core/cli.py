@@ -40,6 +40,9 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # transformers' GGUF dequantiser draws a bare tqdm bar that its logging switch misses;
+        # tqdm reads this when first imported (ESA's own bars ask for themselves explicitly)
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _fail(message: str, verbose: bool, code: int = EXIT_USAGE) -> NoReturn:

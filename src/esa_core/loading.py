@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -151,6 +152,16 @@ def check_gguf(gguf: Path) -> None:
         raise corrupt(gguf, exc) from exc
 
 
+def check_config(path: Path) -> None:
+    """A config.json cut short (or not JSON at all) is a damaged file: name it."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError:
+        return  # unreadable: transformers' own message says so
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise corrupt(path, exc) from exc
+
+
 def check_folder(folder: Path) -> None:
     """A local model folder's weights parse, and it has a tokenizer: both named precisely."""
     from safetensors import safe_open
@@ -229,6 +240,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    if source.kind != "hub":
+        check_config(Path(path) / "config.json")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:

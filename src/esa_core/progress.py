@@ -55,7 +55,7 @@ def track(items: Iterable[T], desc: str, unit: str, *, final: bool = True) -> It
         yield from items
         return
     if sys.stderr.isatty():
-        yield from tqdm(items, desc=desc, unit=unit, leave=False)
+        yield from tqdm(items, desc=desc, unit=unit, leave=False, disable=False)
         return
     items = list(items)
     start = last = now = clock()
