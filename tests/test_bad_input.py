@@ -6,6 +6,7 @@ the folder (and the model folder) is fingerprinted before and after, byte for by
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from esa_core import pipeline
 from esa_core.api import Perturbation
 from esa_core.cli import app
 from esa_core.config import RunConfig
-from esa_core.errors import closest, unknown_choice
+from esa_core.errors import closest, unknown_choice, write_failure
 from esa_core.plugins import PluginInfo, Registry
 
 BASE = {"--model": "{tiny}", "--dataset": "small.txt", "--seq-len": "16", "--device": "cpu",
@@ -92,7 +93,8 @@ CASES = [
     ("model config unreadable", {"--model": "locked"}, ["could not read the config"]),
     ("model not a causal LM", {"--model": "distilbert"},
      ["is a distilbert model, not a causal language model"]),
-    ("model config not JSON", {"--model": "garbage"}, ["not a valid JSON file"]),
+    ("model config not JSON", {"--model": "garbage"},
+     ["garbage/config.json is corrupt or truncated (JSONDecodeError", "re-download it"]),
     ("model config without model_type", {"--model": "no_type"}, ["could not read the config"]),
     ("model weights pickle code", {"--model": "pickled"},
      ["refused to load 'pickled'", "pickled code"]),
@@ -110,6 +112,30 @@ CASES = [
     ("resume a complete run", {"--out-dir": "done", "--resume": True}, ["already complete"]),
     ("resume with other settings", {"--out-dir": "interrupted", "--resume": True},
      ["the settings differ", "topk 7 -> 5)"]),
+    ("model safetensors truncated", {"--model": "cut_weights"},
+     ["cut_weights/model.safetensors is corrupt or truncated", "re-download it"]),
+    ("model safetensors damaged", {"--model": "bad_weights"},
+     ["bad_weights/model.safetensors is corrupt or truncated", "SafetensorError"]),
+    ("model gguf truncated", {"--model": "cut.gguf"},
+     ["cut.gguf is corrupt or truncated", "cannot reshape", "re-download it"]),
+    ("model gguf not a gguf", {"--model": "junk.gguf"},
+     ["junk.gguf is corrupt or truncated", "re-download it"]),
+    ("model config truncated", {"--model": "cut_config"},
+     ["cut_config/config.json is corrupt or truncated", "re-download it"]),
+    ("model without a tokenizer", {"--model": "no_tokenizer"},
+     ["no_tokenizer has no tokenizer", "tokenizer.json"]),
+    ("dataset binary", {"--dataset": "binary.txt"},
+     ["--dataset binary.txt is not UTF-8 text", "pass a plain-text .txt file"]),
+    ("dataset not UTF-8", {"--dataset": "latin1.txt"},
+     ["--dataset latin1.txt is not UTF-8 text (byte 0xe9 at offset 3)"]),
+    ("dataset mostly control characters", {"--dataset": "controls.txt"},
+     ["--dataset controls.txt is not text", "control characters"]),
+    ("dataset folder with a binary file", {"--dataset": "mixed"},
+     ["mixed/b.txt is not UTF-8 text"]),
+    ("out-dir read-only", {"--out-dir": "read_only/run"},
+     ["cannot write", "read_only: permission denied", "Choose another --out-dir"]),
+    ("device cuda without CUDA", {"--device": "cuda"},
+     ["--device cuda was asked for, but torch sees no CUDA device"]),
 ]
 
 
@@ -163,6 +189,7 @@ def watched(tmp_path_factory, tiny_llama_dir) -> Path:
     tiny.tokenizer().save_pretrained(pickled)
     torch.save({"model.embed_tokens.weight": Pickled(root / "PWNED")},
                pickled / "pytorch_model.bin")
+    add_corrupt_inputs(root, tiny_llama_dir)
     (root / "foreign").mkdir()
     (root / "foreign" / "thesis.tex").write_text("someone else's work")
     (root / "done").mkdir()
@@ -173,6 +200,42 @@ def watched(tmp_path_factory, tiny_llama_dir) -> Path:
     (root / "interrupted" / "experiment_manifest.json").write_text(json.dumps(
         {"status": "interrupted", "config": config.resolved("cpu").to_dict()}))
     return root
+
+
+def add_corrupt_inputs(root: Path, model: Path) -> None:
+    """Damaged copies of a good model, a tiny truncated GGUF, and data that is not text."""
+    import random
+    import shutil
+
+    import gguf
+    import numpy as np
+
+    for name in ("cut_weights", "bad_weights", "cut_config", "no_tokenizer"):
+        shutil.copytree(model, root / name)
+    weights = (model / "model.safetensors").read_bytes()
+    (root / "cut_weights" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "bad_weights" / "model.safetensors").write_bytes(b"\xff" * 8 + weights[8:])
+    config = (model / "config.json").read_bytes()
+    (root / "cut_config" / "config.json").write_bytes(config[: len(config) // 2])
+    for f in (root / "no_tokenizer").glob("*token*"):
+        f.unlink()
+    writer = gguf.GGUFWriter(root / "cut.gguf", "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    whole = (root / "cut.gguf").read_bytes()
+    (root / "cut.gguf").write_bytes(whole[: len(whole) - 4000])
+    (root / "junk.gguf").write_bytes(b"not a gguf file at all")
+    (root / "binary.txt").write_bytes(random.Random(0).randbytes(5000))
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait ".encode("latin-1") * 500)
+    (root / "controls.txt").write_bytes(b"\x00\x01\x02 text " * 500)
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.txt").write_text(tiny.wikitext_sample(6000))
+    (root / "mixed" / "b.txt").write_bytes(random.Random(1).randbytes(5000))
+    (root / "read_only").mkdir()
+    (root / "read_only").chmod(0o555)
 
 
 @pytest.fixture
@@ -199,6 +262,12 @@ def test_bad_input_is_one_line_and_touches_nothing(changes, words, watched, tiny
                                                    monkeypatch):
     if "locked" in changes.values() and os.geteuid() == 0:
         pytest.skip("root reads a file whatever its permissions")
+    if changes.get("--device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if os.geteuid() == 0:  # root may write anywhere: the kernel's answer to anyone else, simulated
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+            Path(path).name != "read_only" and access(path, mode, **kw)))
     monkeypatch.chdir(watched)
     before = fingerprint(watched, tiny_llama_dir)
     result = CliRunner().invoke(app, argv(changes, tiny_llama_dir))
@@ -258,3 +327,68 @@ def test_closest_choice_is_what_the_user_meant(value, meant):
     message = str(unknown_choice("metric", value, choices))
     assert (f"Did you mean '{meant}'?" in message) == (meant is not None)
     assert message.endswith(f"Valid choices: {', '.join(sorted(choices))}.")
+
+
+# what a run prints on stderr, where no terminal shows a bar, before it fails (esa_core.progress)
+PROGRESS_LINE = re.compile(r"(scoring seed \d+: \d+/\d+ batches, .* s, .*/s|\w+: done, [\d.]+ s)$")
+
+# (id, the errno a write into the result folder fails with, what the line must say)
+WRITE_FAULTS = [
+    ("disk full", errno.ENOSPC, ["the disk is full", "Free some space or choose another"]),
+    ("permission denied", errno.EACCES, ["permission denied", "change its permissions"]),
+    ("read-only file system", errno.EROFS, ["read-only file system", "Choose another --out-dir"]),
+]
+
+
+@pytest.mark.parametrize("code, words", [f[1:] for f in WRITE_FAULTS],
+                         ids=[f[0] for f in WRITE_FAULTS])
+def test_a_write_that_fails_mid_run_is_one_line(code, words, watched, tiny_llama_dir,
+                                                monkeypatch, tmp_path):
+    """Simulated: writing top_weights.csv fails as a full disk (or a revoked permission) would.
+    The inputs are untouched, no half-written file is left, the manifest says `interrupted`."""
+    write_bytes = Path.write_bytes
+
+    def fail_on_results(path, data):
+        if ".top_weights.csv." in path.name:
+            raise OSError(code, os.strerror(code), str(path))
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail_on_results)
+    monkeypatch.chdir(watched)
+    out_dir = tmp_path / "run"
+    before = fingerprint(watched, tiny_llama_dir)
+    result = CliRunner().invoke(app, argv({"--out-dir": str(out_dir)}, tiny_llama_dir))
+    assert result.exit_code == 2, result.output
+    *progress, error = result.stderr.strip().splitlines()
+    assert all(PROGRESS_LINE.match(line) for line in progress), result.stderr
+    assert error.startswith(f"Error: cannot write {out_dir / 'top_weights.csv'}: ")
+    assert_one_error_line(error, words)
+    assert fingerprint(watched, tiny_llama_dir) == before
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["last_completed_stage"] == "scoring"
+    assert f"Error: [Errno {code}] {os.strerror(code)}" in manifest["error"]  # OS or Permission
+    assert not list(out_dir.glob("*top_weights*")) and not list(out_dir.glob(".*.tmp"))
+
+
+def test_fp16_on_a_cpu_is_supported_so_it_runs(watched, tiny_llama_dir, tmp_path, monkeypatch):
+    """torch computes fp16 on the CPU (slowly): --dtype fp16 is honoured, not refused."""
+    monkeypatch.chdir(watched)
+    out_dir = tmp_path / "fp16"
+    result = CliRunner().invoke(app, argv({"--dtype": "fp16", "--out-dir": str(out_dir)},
+                                          tiny_llama_dir))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float16"
+
+
+def test_a_full_disk_under_safetensors_is_recognised():
+    """safetensors reports a full disk as SafetensorError, the OS error inside its message."""
+    from safetensors import SafetensorError
+
+    raised = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                             'message: "No space left on device" })')
+    raised.esa_path = "out/checkpoints/scores.safetensors"
+    assert str(write_failure(raised)) == ("cannot write out/checkpoints/scores.safetensors: the "
+                                          "disk is full. Free some space or choose another "
+                                          "--out-dir.")
+    assert write_failure(SafetensorError("invalid header length")) is None

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -9,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from esa_models.llama import LlamaAdapter
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import esa_core
+from esa_core import pipeline
 from esa_core.cli import app
+from esa_core.plugins import PluginInfo, Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("experiment_manifest.json", "sensitivity_stats.json", "top_weights.csv")
@@ -152,3 +156,116 @@ def test_embedded_default_runs_offline(tmp_path):
     weights = load_file(gguf_as_folder(default_gguf()) / "model.safetensors")
     assert_csv_indexes_true_weights(out_dir, weights)
     assert len(read_csv(out_dir / "top_weights.csv")) == 5 * 30 * 7
+
+
+def test_the_answer_is_printed_after_the_criteria(tiny_llama_dir, tmp_path):
+    """The top 5 weights (as in top_weights.csv) and the report's path: no file to open."""
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), *FAST,
+                                      "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    start = lines.index("Top 5 weights (all in top_weights.csv):")
+    assert lines[start + 1].split() == ["rank", "param", "row", "col", "score", "weight"]
+    for line, row in zip(lines[start + 2:start + 7], read_csv(out_dir / "top_weights.csv")):
+        rank, param, r, c, score, weight = line.split()
+        assert (rank, param, r, c) == (row["rank"], row["param"], row["row"], row["col"])
+        assert float(score) == pytest.approx(float(row["score"]), rel=1e-3)
+        assert float(weight) == pytest.approx(float(row["weight"]), rel=1e-3)
+    assert lines[start + 7:] == [
+        f"Results written to {out_dir}; the report is {out_dir / 'report.html'}"]
+
+
+def test_quiet_prints_only_the_final_line(tiny_llama_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), *FAST, "--quiet",
+                                      "--out-dir", str(out_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"Results written to {out_dir}; the report is {out_dir / 'report.html'}"]
+    assert result.stderr == ""
+
+
+def test_a_log_file_gets_a_line_per_seed_and_per_stage(tiny_llama_dir, tmp_path):
+    """Where stderr is not a terminal (a batch job's log), tqdm is silent: lines say instead."""
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), *FAST,
+                                      "--seeds", "1,2", "--out-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "scoring seed 1", "scoring seed 2", "scoring", "selection", "plots"]
+    assert re.fullmatch(r"scoring seed 1: 4/4 batches, [\d.]+ s, [\d.]+ batches/s", lines[0])
+    assert re.fullmatch(r"selection: done, [\d.]+ s", lines[3])
+
+
+def test_progress_in_a_log_is_one_line_per_30_s(monkeypatch, capsys):
+    from esa_core import progress
+
+    clock = iter([0.0, 10.0, 31.0, 40.0, 65.0, 70.0, 75.0])  # start, then after each item
+    monkeypatch.setattr(progress, "clock", lambda: next(clock))
+    assert list(progress.track(range(6), "scoring seed 7", "batches")) == list(range(6))
+    assert capsys.readouterr().err.splitlines() == [
+        "scoring seed 7: 2/6 batches, 31.0 s",
+        "scoring seed 7: 4/6 batches, 65.0 s",
+        "scoring seed 7: 6/6 batches, 75.0 s, 0.1 batches/s",
+    ]
+
+
+class BrokenAdapter(LlamaAdapter):
+    """An adapter with a bug: its load raises what no check foresaw."""
+
+    name = "broken"
+
+    def scored_params(self, model, include=(), exclude=()):
+        raise AttributeError("'NoneType' object has no attribute 'weight'")
+
+
+@pytest.fixture
+def with_broken_adapter(registry, monkeypatch):
+    entry = PluginInfo("model adapter", "broken", "", "tests", "0", BrokenAdapter)
+    monkeypatch.setattr(pipeline, "default_registry",
+                        lambda: Registry([*registry.entries, entry]))
+
+
+@pytest.mark.usefixtures("with_broken_adapter")
+def test_an_unexpected_failure_is_one_line_naming_stage_plugin_and_error_log(tiny_llama_dir,
+                                                                            tmp_path):
+    out_dir = tmp_path / "run"
+    args = ["run", "--model", str(tiny_llama_dir), *FAST, "--adapter", "broken",
+            "--out-dir", str(out_dir)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    match = re.fullmatch(r"Error: unexpected failure during load \(model adapter 'broken'\): "
+                         r"AttributeError: 'NoneType' object has no attribute 'weight'\. "
+                         r"The full traceback is in (\S+); please include it when you report "
+                         r"this\.", line)
+    assert match, line
+    log = Path(match[1])
+    assert "Traceback" in log.read_text() and "scored_params" in log.read_text()
+    assert not out_dir.exists()  # refused before the folder was made: the log is a temp file
+    log.unlink()
+
+    verbose = CliRunner().invoke(app, [*args, "--verbose"])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1].startswith("Error: unexpected failure")
+
+
+def test_an_unexpected_failure_mid_run_leaves_error_log_in_the_folder(tiny_llama_dir, tmp_path,
+                                                                     monkeypatch):
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "sensitivity_stats", bug)
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), *FAST,
+                                      "--out-dir", str(out_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: unexpected failure during selection: ZeroDivisionError: division by zero. "
+        f"The full traceback is in {out_dir / 'error.log'}; please include it when you report "
+        "this.")
+    assert "in bug" in (out_dir / "error.log").read_text()
+    manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["last_completed_stage"] == "scoring"
+    assert manifest["error"] == "ZeroDivisionError: division by zero"

@@ -10,11 +10,14 @@ import logging
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, write_failure
 
 app = typer.Typer(
     add_completion=False,
@@ -23,12 +26,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger("esa_core")
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )
@@ -36,13 +40,38 @@ def _setup_logging(verbose: bool) -> None:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # transformers' GGUF dequantiser draws a bare tqdm bar that its logging switch misses;
+        # tqdm reads this when first imported (ESA's own bars ask for themselves explicitly)
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _fail(message: str, verbose: bool) -> None:
+def _fail(message: str, verbose: bool, code: int = EXIT_USAGE) -> NoReturn:
     if verbose:
         traceback.print_exc()
     typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _guard(verbose: bool) -> Iterator[None]:
+    """Every failure is one line: the user's to fix (EsaError, a full or read-only disk) exits 2;
+    anything else exits 1, naming the stage, the plugin that raised and error.log, which holds
+    the traceback."""
+    try:
+        yield
+    except EsaError as exc:
+        _fail(str(exc), verbose)
+    except Exception as exc:
+        known = write_failure(exc)
+        if known is not None:
+            _fail(str(known), verbose)
+        from esa_core import pipeline, unexpected
+
+        modules = {e.cls.__module__: f"{e.kind} '{e.name}'"
+                   for e in pipeline.default_registry().entries if e.cls is not None}
+        line = unexpected.one_line(exc, unexpected.write_log(exc),
+                                   unexpected.plugin_of(exc, modules))
+        _fail(line, verbose, EXIT_FAILURE)
 
 
 @app.command("run")
@@ -63,6 +92,8 @@ def run_command(
     dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)."),
     save_plots: bool = typer.Option(False, "--save-plots", help="Write figures to plots/."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line (and "
+                               "errors): no progress, criteria or top weights."),
     out_dir: str | None = typer.Option(
         None, help="Result folder. Default: outputs/esa/<model>/<metric>_<mode>_k<topk>."),
     perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
@@ -101,38 +132,54 @@ def run_command(
         help="Recompute activations in the backward pass: less memory for long --seq-len."),
 ) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
-    _setup_logging(verbose)
-    from esa_core import distributed, pipeline
+    _setup_logging(verbose, quiet)
+    from esa_core import distributed, pipeline, progress
     from esa_core.config import RunConfig, parse_list, parse_metric_args
     from esa_core.guards import terminate_as_interrupt
 
     try:
-        config = RunConfig(
-            model=model, metric=metric, mode=mode, topk=topk, max_samples=max_samples,
-            seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
-            verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
-            perturb_prob=perturb_prob, controls=parse_list(controls),
-            control_repeats=control_repeats, dataset=dataset,
-            seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
-            eval_samples=eval_samples, overwrite=overwrite, resume=resume,
-            trust_remote_code=trust_remote_code, adapter=adapter,
-            include=parse_list(include), exclude=parse_list(exclude),
-            metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        with terminate_as_interrupt():
+        with _guard(verbose), terminate_as_interrupt(), progress.shown(not quiet):
+            config = RunConfig(
+                model=model, metric=metric, mode=mode, topk=topk, max_samples=max_samples,
+                seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
+                verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
+                perturb_prob=perturb_prob, controls=parse_list(controls),
+                control_repeats=control_repeats, dataset=dataset,
+                seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
+                eval_samples=eval_samples, overwrite=overwrite, resume=resume,
+                trust_remote_code=trust_remote_code, adapter=adapter,
+                include=parse_list(include), exclude=parse_list(exclude),
+                metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
+                gradient_checkpointing=gradient_checkpointing,
+            )
             result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
-    except EsaError as exc:
-        _fail(str(exc), verbose)
     except KeyboardInterrupt as exc:
         typer.echo("Interrupted: the result folder's manifest says which stage completed; "
                    "run the same command with --resume to continue.", err=True)
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
-        from esa_core.criteria import table
+        if not quiet:
+            from esa_core.criteria import table
 
-        typer.echo(table(result.manifest["success_criteria"]))
-        typer.echo(f"Results written to {result.out_dir}")
+            typer.echo(table(result.manifest["success_criteria"]))
+            typer.echo(top_weights_text(result.out_dir / "top_weights.csv"))
+        typer.echo(f"Results written to {result.out_dir}; the report is "
+                   f"{result.out_dir / 'report.html'}")
+
+
+def top_weights_text(csv_path: Path, count: int = 5) -> str:
+    """The answer at a glance: the first rows of top_weights.csv as a small table."""
+    import csv
+
+    with csv_path.open(encoding="utf-8") as f:
+        rows = [row for _, row in zip(range(count), csv.DictReader(f))]
+    cells = [("rank", "param", "row", "col", "score", "weight")] + [
+        (r["rank"], r["param"] + (f"[expert {r['expert']}]" if r["expert"] else ""),
+         r["row"], r["col"], f"{float(r['score']):.4g}", f"{float(r['weight']):.4g}")
+        for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return f"\nTop {len(rows)} weights (all in {csv_path.name}):\n" + "\n".join(lines)
 
 
 @app.command("report")
@@ -145,10 +192,8 @@ def report_command(
     _setup_logging(False)
     from esa_core import report
 
-    try:
+    with _guard(False):
         path = report.build(run_dir, save_plots=save_plots)
-    except EsaError as exc:
-        _fail(str(exc), False)
     typer.echo(f"Report written to {path}")
 
 
@@ -165,10 +210,8 @@ def compare_command(
     from esa_core.compare import matrix_text, write_comparison
     from esa_core.criteria import table
 
-    try:
+    with _guard(verbose):
         result = write_comparison(run_dirs, out, overwrite)
-    except EsaError as exc:
-        _fail(str(exc), verbose)
     typer.echo(matrix_text(result))
     typer.echo(table(result["success_criteria"]))
     typer.echo(f"Comparison written to {out}")

@@ -18,6 +18,8 @@ from esa_core.errors import EsaError
 
 BUNDLED = "wikitext2"
 HELD_OUT_FRACTION = 10  # one block in ten (the last tenth) of a single text is held out
+CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\r\f\v")
+MAX_CONTROL_SHARE = 0.1  # text has almost none; binary data that decodes as UTF-8 has many
 
 
 @dataclass
@@ -82,17 +84,33 @@ def read_texts(dataset: str) -> Texts:
                      test, _sha256(valid, test))
     path = Path(dataset).expanduser()
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path)
         return Texts(str(path), text, None, _sha256(text))
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise EsaError(f"--dataset folder {path} has no .txt files.")
-        text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        text = "\n\n".join(read_text_file(f) for f in files)
         return Texts(str(path), text, None, _sha256(text))
     if dataset.startswith((".", "/", "~")) or dataset.endswith(".txt"):
         raise EsaError(f"--dataset path not found: {dataset}")
     return _hub_texts(dataset)
+
+
+def read_text_file(path: Path) -> str:
+    """The file's UTF-8 text; binary data (random bytes, a zip, a model file) is refused
+    rather than tokenised into nonsense that still prints verdicts."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EsaError(f"--dataset {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                       f"offset {exc.start}): pass a plain-text .txt file.") from None
+    control = len(data) - len(data.translate(None, CONTROL_BYTES))  # C speed, on any size
+    if control > MAX_CONTROL_SHARE * len(data):
+        raise EsaError(f"--dataset {path} is not text: {control} of its {len(data)} bytes are "
+                       "control characters (binary data?). Pass a plain-text .txt file.")
+    return text
 
 
 def _hub_texts(name: str) -> Texts:

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
-from esa_core import distributed
+from esa_core import distributed, progress
 from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
 from esa_core.checkpointing import checkpointed
 from esa_core.errors import EsaError
@@ -130,9 +129,10 @@ class ScoringRun:
                 stack.enter_context(only_scored_require_grad(self.model, self.scored))
                 # torch's fused attention kernels have no double backward; the math one has
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-            bar = tqdm(distributed.shard(range(len(batches))), desc=f"scoring {label}".strip(),
-                       unit="batch", disable=None if self.progress else True, leave=False)
-            for index in bar:
+            indices = distributed.shard(range(len(batches)))
+            if self.progress:
+                indices = progress.track(indices, f"scoring {label}".strip(), "batches")
+            for index in indices:
                 batch = batches[index].to(self.device, non_blocking=True)
                 if HVP in needs:
                     # probes depend on (seed, batch) alone: the same on any number of ranks

@@ -1,13 +1,16 @@
-"""One exception type for user mistakes: the CLI prints it as one line and exits 2."""
+"""One exception type for what the user can fix: the CLI prints it as one line and exits 2."""
 
 from __future__ import annotations
 
 import difflib
+import errno
+import re
 from collections.abc import Iterable
 
 
 class EsaError(Exception):
-    """A mistake the user can fix (bad flag, missing file, impossible request)."""
+    """Something the user can fix: a bad flag, a missing or corrupt file, an impossible
+    request, a full disk."""
 
 
 def closest(value: str, choices: Iterable[str]) -> str | None:
@@ -36,3 +39,37 @@ def unknown_choice(what: str, value: str, choices: Iterable[str]) -> EsaError:
     return EsaError(
         f"unknown {what} '{value}'.{did_you_mean} Valid choices: {', '.join(choices)}."
     )
+
+
+# An operating system's refusal to write, by errno: the cause, and what to do ({elsewhere}).
+_WRITE_FAILURES = {
+    errno.ENOSPC: ("the disk is full", "Free some space or {elsewhere}"),
+    errno.EDQUOT: ("the disk quota is exhausted", "Free some space or {elsewhere}"),
+    errno.EACCES: ("permission denied", "{Elsewhere} or change its permissions"),
+    errno.EPERM: ("permission denied", "{Elsewhere} or change its permissions"),
+    errno.EROFS: ("the folder is on a read-only file system", "{Elsewhere}"),
+}
+OUT_DIR_ELSEWHERE = "choose another --out-dir"
+
+
+def errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind `exc`: an OSError's, or the one safetensors' writer puts in
+    its message (`Os { code: 28, ... }`): a full disk mid-save is a SafetensorError."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"Os \{ code: (\d+)", str(exc))
+    return int(found[1]) if found else None
+
+
+def write_failure(exc: BaseException, path: object = None,
+                  elsewhere: str = OUT_DIR_ELSEWHERE) -> EsaError | None:
+    """A full disk, a refused permission or a read-only folder, said as one line naming the
+    path (`path`, else the one the result writer attached, else the OSError's); None for any
+    other failure, which stays unexpected."""
+    code = errno_of(exc)
+    if code not in _WRITE_FAILURES:
+        return None
+    path = path or getattr(exc, "esa_path", None) or getattr(exc, "filename", None) or "a file"
+    cause, remedy = _WRITE_FAILURES[code]
+    remedy = remedy.format(elsewhere=elsewhere, Elsewhere=elsewhere[0].upper() + elsewhere[1:])
+    return EsaError(f"cannot write {path}: {cause}. {remedy}.")

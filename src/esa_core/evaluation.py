@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from esa_core.progress import track
 
 
 @dataclass
@@ -39,8 +40,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     tokens = 0
-    for batch in tqdm(blocks.split(batch_size), desc=label, unit="batch", leave=False,
-                      disable=None if progress else True):
+    batches = blocks.split(batch_size)
+    for batch in track(batches, label, "batches", final=False) if progress else batches:
         batch = batch.to(device, non_blocking=True)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]

