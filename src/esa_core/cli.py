@@ -77,7 +77,8 @@ def run_command(
                                 "of .txt files, or a Hugging Face dataset name."),
     seq_len: int | None = typer.Option(None, help="Tokens per block. Default: 512 on a GPU, "
                                           "128 on a CPU."),
-    batch_size: int = typer.Option(1, help="Blocks per forward/backward pass."),
+    batch_size: int | None = typer.Option(None, help="Blocks per forward/backward pass. "
+                                          "Default: 4 on a GPU, 1 on a CPU."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     device_map: str | None = typer.Option(
         None, help="Spread the model over the GPUs (and CPU) with accelerate: auto, balanced, "
@@ -99,6 +100,9 @@ def run_command(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing",
         help="Recompute activations in the backward pass: less memory for long --seq-len."),
+    checkpoint: str = typer.Option(
+        "auto", help="Save the seeds' running score sum for --resume: always, never, or auto "
+        "(only when writing it is quick next to scoring a seed)."),
 ) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
     _setup_logging(verbose)
@@ -118,7 +122,7 @@ def run_command(
             trust_remote_code=trust_remote_code, adapter=adapter,
             include=parse_list(include), exclude=parse_list(exclude),
             metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
         )
         with terminate_as_interrupt():
             result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
