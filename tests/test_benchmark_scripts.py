@@ -1,4 +1,4 @@
-"""benchmarks/gpu_guide_8b.py, at a tiny shape on the CPU: every step runs and is recorded."""
+"""The benchmark scripts, at tiny shapes on the CPU: every step runs and is recorded."""
 
 from __future__ import annotations
 
@@ -35,3 +35,15 @@ def test_gpu_guide_runs_every_step_at_a_tiny_shape(tmp_path, monkeypatch):
     assert text.startswith("# earlier results\n")  # appended, never rewritten
     assert text.count("| tiny layers=1 |") == 4
     assert not (tmp_path / "work").exists()
+
+
+def test_bench_stages_measures_every_stage_after_scoring(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_stages
+
+    out = bench_stages.main(["--layers", "1", "--hidden", "64", "--topk", "5"])
+    # q, k, v, o, gate, up, down of one block: 64x64 x2, 16x64 x2, 224x64 x3
+    assert out["n_scored"] == 2 * 64 * 64 + 2 * 16 * 64 + 3 * 224 * 64
+    assert {"select global", "sensitivity_stats (with |w| histogram)",
+            "controls global (random, bottom, magnitude)"} <= set(out["stages"])
+    assert all(stage["wall_s"] >= 0 for stage in out["stages"].values())
