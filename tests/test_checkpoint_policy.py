@@ -49,6 +49,14 @@ def same_results(a: Path, b: Path) -> bool:
     return (a / "top_weights.csv").read_bytes() == (b / "top_weights.csv").read_bytes()
 
 
+def test_batch_size_defaults_by_device_and_a_given_one_is_kept():
+    from esa_core.config import RunConfig
+
+    assert RunConfig().resolved("cuda").batch_size == 4
+    assert RunConfig().resolved("cpu").batch_size == 1
+    assert RunConfig(batch_size=2).resolved("cuda").batch_size == 2
+
+
 def test_auto_writes_the_sum_only_when_writing_is_cheap_next_to_scoring():
     c = Checkpoints(Path("unused"), {}, "auto")
     eight_b_scores = 7_000_000_000 * 4  # fp32 scores of Llama-3.1-8B's block matrices

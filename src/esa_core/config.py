@@ -21,10 +21,10 @@ CONTROLS = ("random_k", "bottom_k", "magnitude_k")
 CPU_SEQ_LEN, GPU_SEQ_LEN = 128, 512
 CPU_MAX_SAMPLES, GPU_MAX_SAMPLES = 16, 200
 CPU_EVAL_SAMPLES, GPU_EVAL_SAMPLES = 16, 64
-# A CPU gains nothing from larger batches; on a GPU 4 blocks of 512 tokens (2048 tokens) fill
-# the tensor cores while an 8B model in bf16 (16 GB), its fp32 score set (28 GB) and the
-# activations of the backward pass (about 20 GB) stay under 80 GB. Reasoned, not yet measured
-# on a GPU: benchmarks/gpu_guide_8b.py measures it.
+# On a GPU, 4 blocks of 512 tokens (2048 tokens a pass) keep the tensor cores busy while an 8B
+# model in bf16 (16 GB), its fp32 score set (28 GB) and the backward pass's activations (about
+# 20 GB) stay under 80 GB; 8 blocks would not. Reasoned, not yet measured on a GPU
+# (benchmarks/gpu_guide_8b.py measures it). A CPU keeps 1: its defaults are sized for 2 cores.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 4
 CHECKPOINT_POLICIES = ("auto", "always", "never")
 
