@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,6 @@ def writes(monkeypatch) -> list[tuple[str, int, str]]:
     real = Checkpoints._write
 
     def spy(self, unit, tensors, meta):
-        import threading
-
         written.append((unit, ckpt.tensor_bytes(tensors), threading.current_thread().name))
         return real(self, unit, tensors, meta)
 

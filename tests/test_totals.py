@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from esa_core import pipeline
 from esa_core.totals import RunningTotal, running_total_device
 
 
@@ -59,3 +60,23 @@ def test_on_cuda_the_sum_is_pinned_host_memory_and_the_scores_stay_on_the_gpu():
     assert all(v.device.type == "cuda" for v in out.values())
     want = {k: seed_scores(1)[k] + seed_scores(2)[k] + seed_scores(3)[k] for k in out}
     assert all(torch.allclose(out[k].cpu(), want[k]) for k in out)
+
+
+def test_a_run_keeps_its_sum_where_running_total_device_says(tiny_llama_dir, tmp_path,
+                                                              monkeypatch):
+    """The pipeline asks for the sum's place with the scoring device, and every fold lands
+    there (a GPU run would name cuda and get the host)."""
+    asked, folds = [], []
+    monkeypatch.setattr(pipeline, "running_total_device",
+                        lambda device: asked.append(device) or torch.device("cpu"))
+    add = RunningTotal.add
+
+    def watched(self, seed, scores):
+        add(self, seed, scores)
+        folds.append({v.device for v in self.sums.values()})
+
+    monkeypatch.setattr(RunningTotal, "add", watched)
+    pipeline.run(model=str(tiny_llama_dir), out_dir=str(tmp_path / "run"), topk=4, seq_len=16,
+                 max_samples=2, eval_samples=2, seeds=[1, 2, 3], device="cpu")
+    assert asked == [torch.device("cpu")]
+    assert folds == [{torch.device("cpu")}] * 2  # seeds 1 and 2; seed 3 becomes the mean
