@@ -60,6 +60,8 @@ CASES = [
     ("unknown device", {"--device": "tpu"}, ["unknown device 'tpu'", "cuda"]),
     ("unknown device map", {"--device-map": "everywhere"}, ["unknown device map 'everywhere'"]),
     ("unknown accumulator dtype", {"--accum-dtype": "fp8"}, ["unknown accumulator dtype 'fp8'"]),
+    ("unknown checkpoint policy", {"--checkpoint": "sometimes"},
+     ["unknown checkpoint policy 'sometimes'", "always, auto, never"]),
     ("unknown adapter", {"--adapter": "lama"}, ["unknown model adapter 'lama'",
                                                 "Did you mean 'llama'?"]),
     ("seeds with a hole", {"--seeds": "1,,2"}, ["--seeds must be comma-separated integers"]),

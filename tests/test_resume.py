@@ -154,6 +154,16 @@ def test_ctrl_c_during_scoring_then_resume(command, reference, tmp_path, monkeyp
     assert [r["previous_status"] for r in resumed] == ["interrupted"]
 
 
+def test_resume_under_checkpoint_always_equals_uninterrupted(command, reference, tmp_path,
+                                                             monkeypatch):
+    """--checkpoint always (the sum after every seed) resumes like the default auto policy;
+    the policy says what is saved, not what is computed, so the reference run is shared."""
+    command, out_dir = [*command, "--checkpoint", "always"], tmp_path / "run"
+    saved = start_and_stop(command, out_dir, signal.SIGINT)
+    assert resume_counting_seeds(command, out_dir, monkeypatch) == SEEDS[len(saved):]
+    assert_equals_uninterrupted(out_dir, reference)
+
+
 def test_sigkill_during_scoring_then_resume(command, reference, tmp_path, monkeypatch):
     out_dir = tmp_path / "run"
     saved = start_and_stop(command, out_dir, signal.SIGKILL)

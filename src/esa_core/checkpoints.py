@@ -4,13 +4,22 @@ A long run saves each unit as it completes (a seed's scores, a perturbation cond
 under `<out_dir>/checkpoints/`, atomically, tagged with the fingerprint of the config that made
 it: a unit made under another config is never reused. The folder is removed once the run
 completes; checkpoints are a means to the results, not part of them.
+
+A checkpoint must never cost more than it saves, nor fill the disk: `--checkpoint auto` writes
+a model-sized unit only when writing it is cheap next to recomputing it, any write first checks
+the free space (a unit replaces its previous version, never sits beside it), and a full disk
+skips the checkpoint with one warning instead of ending the run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +31,17 @@ from esa_core.errors import EsaError
 from esa_core.results import MANIFEST, atomic_path, read_json, restore_nonfinite, write_json
 from esa_core.selection import Picks, Selection
 
+log = logging.getLogger(__name__)
+
 #: settings that say where and how verbosely to write, not what is computed
-RESUME_IGNORES = ("out_dir", "overwrite", "resume", "verbose")
+RESUME_IGNORES = ("out_dir", "overwrite", "resume", "verbose", "checkpoint")
 FOLDER = "checkpoints"
+#: --checkpoint auto's guess of the disk's write speed until a model-sized write measures it
+ASSUMED_DISK_BYTES_PER_S = 200e6
+#: --checkpoint auto writes when writing takes at most this share of the time it saves
+WRITE_COST_SHARE = 0.1
+#: room left free beside a checkpoint, so that the results themselves can still be written
+FREE_SPACE_MARGIN = 64 << 20
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,23 +92,107 @@ def resume_record(previous: dict[str, Any], at: str) -> dict[str, Any]:
             "resumed": [*previous.get("resumed", []), entry]}
 
 
-class Checkpoints:
-    """Completed units of one run: named tensor dicts (safetensors) or JSON values."""
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def __init__(self, out_dir: Path, config: dict[str, Any]) -> None:
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes held by the files under `folder` (0 when there is none)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Checkpoints:
+    """Completed units of one run: named tensor dicts (safetensors) or JSON values.
+
+    `policy` (--checkpoint): `always` saves every unit, `never` none (a run that cannot resume),
+    `auto` every small unit and a model-sized one only when `worth_writing` says so.
+    """
+
+    def __init__(self, out_dir: Path, config: dict[str, Any], policy: str = "always") -> None:
         self.folder = out_dir / FOLDER
         self.fingerprint = fingerprint(config)
+        self.policy = policy
+        self.disk_bytes_per_s = ASSUMED_DISK_BYTES_PER_S
+        self._warned = False
+        self._pending: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def worth_writing(self, nbytes: int, recompute_s: float) -> bool:
+        """Should a unit of `nbytes`, which took `recompute_s` seconds to make, be saved?"""
+        if self.policy != "auto":
+            return self.policy == "always"
+        return nbytes / self.disk_bytes_per_s <= WRITE_COST_SHARE * recompute_s
 
     def save_tensors(self, unit: str, tensors: dict[str, torch.Tensor],
-                     meta: dict[str, str] | None = None) -> None:
+                     meta: dict[str, str] | None = None, background: bool = False) -> None:
+        """Save `tensors` as `unit`, replacing its previous version; with `background`, in a
+        thread (the caller must not change `tensors` before `wait()`)."""
+        if self.policy == "never" or not distributed.is_main():
+            return  # every rank holds the same reduced scores; rank 0 writes them
+        self.wait()
+        if not background:
+            return self._write(unit, tensors, meta)
+        self._pending = threading.Thread(target=self._write_catching, daemon=True,
+                                         args=(unit, tensors, meta), name=f"checkpoint {unit}")
+        self._pending.start()
+
+    def wait(self) -> None:
+        """Finish the background write, if any; re-raise what it failed with."""
+        self.settle()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def settle(self) -> None:
+        """Let a background write finish (a stopping run keeps what it was saving)."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+
+    def _write_catching(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._failure = exc
+
+    def _write(self, unit: str, tensors: dict[str, torch.Tensor],
+               meta: dict[str, str] | None) -> None:
         from safetensors.torch import save_file
 
-        if not distributed.is_main():
-            return  # every rank holds the same reduced scores; rank 0 writes them
         path = self.folder / f"{unit}.safetensors"
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={**(meta or {}), "fingerprint": self.fingerprint})
+        nbytes = tensor_bytes(tensors)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        old = path.stat().st_size if path.is_file() else 0
+        free = shutil.disk_usage(self.folder).free
+        if free + old < nbytes + FREE_SPACE_MARGIN:
+            return self._skip(unit, f"it needs {human_bytes(nbytes)} and the disk has "
+                              f"{human_bytes(free + old)} free")
+        path.unlink(missing_ok=True)  # never the old and the new version on disk at once
+        start = time.perf_counter()
+        try:
+            with atomic_path(path) as tmp:
+                save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                          metadata={**(meta or {}), "fingerprint": self.fingerprint})
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return self._skip(unit, "the disk is full")
+        if nbytes >= 1 << 26:  # small files measure the file system's latency, not its speed
+            self.disk_bytes_per_s = nbytes / max(time.perf_counter() - start, 1e-6)
+
+    def _skip(self, unit: str, why: str) -> None:
+        if not self._warned:
+            log.warning("checkpoint '%s' not saved (%s); the run goes on, but --resume would "
+                        "score this part again", unit, why)
+            self._warned = True
 
     def load_tensors(self, unit: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The unit's tensors (on the CPU) and metadata, or None if not saved under this config."""
@@ -107,7 +208,9 @@ class Checkpoints:
             return {k: f.get_tensor(k) for k in f.keys()}, meta
 
     def save_json(self, unit: str, data: Any) -> None:
-        write_json(self.folder / f"{unit}.json", {"fingerprint": self.fingerprint, "data": data})
+        if self.policy != "never":
+            write_json(self.folder / f"{unit}.json",
+                       {"fingerprint": self.fingerprint, "data": data})
 
     def load_json(self, unit: str) -> Any | None:
         """The unit's saved value, or None if it was not saved under this config."""
@@ -119,8 +222,17 @@ class Checkpoints:
             return None
         return restore_nonfinite(saved["data"])
 
+    def size_note(self) -> str | None:
+        """What an unfinished run's checkpoints hold on disk, and how to free it."""
+        nbytes = folder_bytes(self.folder)
+        if not nbytes:
+            return None
+        return (f"{self.folder} holds {human_bytes(nbytes)} for --resume; --overwrite (or "
+                "deleting the folder) frees the space.")
+
     def clear(self) -> None:
         if distributed.is_main():
+            self.settle()
             shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -45,10 +45,15 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _last_words(exc: BaseException) -> str:
+    """The notes a stopped run attached (e.g. how much disk its checkpoints hold), as a suffix."""
+    return "".join(f" {note}" for note in getattr(exc, "__notes__", ()))
+
+
 def _fail(message: str, verbose: bool, code: int = EXIT_USAGE) -> NoReturn:
     if verbose:
         traceback.print_exc()
-    typer.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {message}{_last_words(sys.exc_info()[1])}", err=True)
     raise typer.Exit(code)
 
 
@@ -108,7 +113,8 @@ def run_command(
                                 "of .txt files, or a Hugging Face dataset name."),
     seq_len: int | None = typer.Option(None, help="Tokens per block. Default: 512 on a GPU, "
                                           "128 on a CPU."),
-    batch_size: int = typer.Option(1, help="Blocks per forward/backward pass."),
+    batch_size: int | None = typer.Option(None, help="Blocks per forward/backward pass. "
+                                          "Default: 4 on a GPU, 1 on a CPU."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     device_map: str | None = typer.Option(
         None, help="Spread the model over the GPUs (and CPU) with accelerate: auto, balanced, "
@@ -130,6 +136,9 @@ def run_command(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing",
         help="Recompute activations in the backward pass: less memory for long --seq-len."),
+    checkpoint: str = typer.Option(
+        "auto", help="Save the seeds' running score sum for --resume: always, never, or auto "
+        "(only when writing it is quick next to scoring a seed)."),
 ) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
     _setup_logging(verbose, quiet)
@@ -150,12 +159,13 @@ def run_command(
                 trust_remote_code=trust_remote_code, adapter=adapter,
                 include=parse_list(include), exclude=parse_list(exclude),
                 metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
-                gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
             )
             result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
     except KeyboardInterrupt as exc:
         typer.echo("Interrupted: the result folder's manifest says which stage completed; "
-                   "run the same command with --resume to continue.", err=True)
+                   f"run the same command with --resume to continue.{_last_words(exc)}",
+                   err=True)
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
         if not quiet:

@@ -21,6 +21,12 @@ CONTROLS = ("random_k", "bottom_k", "magnitude_k")
 CPU_SEQ_LEN, GPU_SEQ_LEN = 128, 512
 CPU_MAX_SAMPLES, GPU_MAX_SAMPLES = 16, 200
 CPU_EVAL_SAMPLES, GPU_EVAL_SAMPLES = 16, 64
+# On a GPU, 4 blocks of 512 tokens (2048 tokens a pass) keep the tensor cores busy while an 8B
+# model in bf16 (16 GB), its fp32 score set (28 GB) and the backward pass's activations (about
+# 20 GB) stay under 80 GB; 8 blocks would not. Reasoned, not yet measured on a GPU
+# (benchmarks/gpu_guide_8b.py measures it). A CPU keeps 1: its defaults are sized for 2 cores.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 4
+CHECKPOINT_POLICIES = ("auto", "always", "never")
 
 
 def parse_seeds(text: str | list[int] | tuple[int, ...]) -> list[int]:
@@ -85,7 +91,7 @@ class RunConfig:
     control_repeats: int = 0
     dataset: str = "wikitext2"
     seq_len: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
     device: str = "auto"
     device_map: str | None = None
     eval_samples: int | None = None
@@ -98,6 +104,7 @@ class RunConfig:
     metric_args: dict[str, str] = field(default_factory=dict)
     accum_dtype: str = "fp32"
     gradient_checkpointing: bool = False
+    checkpoint: str = "auto"
 
     def validate(self, registry: Registry) -> RunConfig:
         """Check every choice against the installed plugins; raise EsaError on the first problem."""
@@ -112,6 +119,8 @@ class RunConfig:
             raise unknown_choice("device map", self.device_map, DEVICE_MAPS)
         if self.accum_dtype not in ACCUM_DTYPES:
             raise unknown_choice("accumulator dtype", self.accum_dtype, ACCUM_DTYPES)
+        if self.checkpoint not in CHECKPOINT_POLICIES:
+            raise unknown_choice("checkpoint policy", self.checkpoint, CHECKPOINT_POLICIES)
         if self.topk <= 0:
             raise EsaError(f"--topk must be a positive integer; got {self.topk}.")
         sizes = (("--max-samples", self.max_samples), ("--seq-len", self.seq_len),
@@ -157,6 +166,8 @@ class RunConfig:
             self.max_samples = GPU_MAX_SAMPLES if on_gpu else CPU_MAX_SAMPLES
         if self.eval_samples is None:
             self.eval_samples = GPU_EVAL_SAMPLES if on_gpu else CPU_EVAL_SAMPLES
+        if self.batch_size is None:
+            self.batch_size = GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
         return self
 
     def default_out_dir(self, model_id: str) -> Path:

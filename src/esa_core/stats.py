@@ -42,36 +42,50 @@ def hill_tail_index(top_descending: torch.Tensor) -> tuple[float | None, int]:
 
 
 class _Moments:
-    """Streaming sums for mean, std and kurtosis."""
+    """Count, mean, central moment sums M2..M4 and max, merged matrix by matrix (Pebay 2008).
+
+    Each matrix is centred on its own mean before its powers are taken, so float32 products
+    lose nothing that matters and the sums (in float64) suffer no cancellation; no float64
+    copy of a matrix is made (the raw power sums this replaces cost twice the time and memory).
+    """
 
     def __init__(self) -> None:
-        self.n, self.s1, self.s2, self.s3, self.s4 = 0, 0.0, 0.0, 0.0, 0.0
+        self.n, self.mean, self.m2, self.m3, self.m4 = 0, 0.0, 0.0, 0.0, 0.0
         self.max = -math.inf
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        x2 = x * x  # products, not pow: pow on float64 costs several times more
-        self.n += x.numel()
-        self.s1 += float(x.sum())
-        self.s2 += float(x2.sum())
-        self.s3 += float((x2 * x).sum())
-        self.s4 += float((x2 * x2).sum())
-        self.max = max(self.max, float(x.max()))
+        part = _Moments()
+        part.n = x.numel()
+        part.mean = float(x.sum(dtype=torch.float64)) / part.n
+        d = x.float() - part.mean
+        d2 = d * d
+        part.m2 = float(d2.sum(dtype=torch.float64))
+        part.m3 = float((d2 * d).sum(dtype=torch.float64))
+        part.m4 = float(d2.square_().sum(dtype=torch.float64))
+        part.max = float(x.max())
+        self.merge(part)
 
     def merge(self, other: _Moments) -> None:
-        """Fold in another matrix's sums (the global moments reuse the per-matrix pass)."""
-        self.n += other.n
-        self.s1, self.s2 = self.s1 + other.s1, self.s2 + other.s2
-        self.s3, self.s4 = self.s3 + other.s3, self.s4 + other.s4
-        self.max = max(self.max, other.max)
+        """Fold in another matrix's moments (the global moments reuse the per-matrix pass)."""
+        a, b = self, other
+        if b.n == 0:
+            return
+        n = a.n + b.n
+        delta = b.mean - a.mean
+        m2 = a.m2 + b.m2 + delta**2 * a.n * b.n / n
+        m3 = (a.m3 + b.m3 + delta**3 * a.n * b.n * (a.n - b.n) / n**2
+              + 3 * delta * (a.n * b.m2 - b.n * a.m2) / n)
+        m4 = (a.m4 + b.m4 + delta**4 * a.n * b.n * (a.n**2 - a.n * b.n + b.n**2) / n**3
+              + 6 * delta**2 * (a.n**2 * b.m2 + b.n**2 * a.m2) / n**2
+              + 4 * delta * (a.n * b.m3 - b.n * a.m3) / n)
+        self.mean += delta * b.n / n
+        self.n, self.m2, self.m3, self.m4 = n, m2, m3, m4
+        self.max = max(a.max, b.max)
 
     def summary(self) -> dict:
-        n = self.n
-        mean = self.s1 / n
-        var = max(self.s2 / n - mean**2, 0.0)
-        m4 = self.s4 / n - 4 * mean * self.s3 / n + 6 * mean**2 * self.s2 / n - 3 * mean**4
-        kurtosis = m4 / var**2 - 3.0 if var > 0 else None
-        return {"count": n, "mean": mean, "std": math.sqrt(var), "max": self.max,
+        var = self.m2 / self.n
+        kurtosis = (self.m4 / self.n) / var**2 - 3.0 if var > 0 else None
+        return {"count": self.n, "mean": self.mean, "std": math.sqrt(var), "max": self.max,
                 "excess_kurtosis": kurtosis}
 
 
