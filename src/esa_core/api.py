@@ -136,6 +136,16 @@ class Metric(Configurable):
         """The score of every weight of the matrix (weight-shaped, higher = more sensitive)."""
         return state / max(num_batches, 1)
 
+    def findings(self, matrices: dict[int, LogicalMatrix], seq_len: int) -> dict[str, Any]:
+        """Results beyond the scores, added to sensitivity_stats.json after every seed scored.
+
+        A metric that keeps them (e.g. super_weight's detection table) records them in its
+        callbacks under `weight.data_ptr()`; `matrices` maps that pointer to the matrix it
+        belongs to, and `seq_len` turns a token's index in the stream into its position in its
+        block. The default has none.
+        """
+        return {}
+
 
 # --------------------------------------------------------------------------- perturbations
 

@@ -206,7 +206,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
-            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed}
+            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed,
+                     **metric.findings(_by_pointer(matrices, params), config.seq_len)}
             top_rows = csv_rows(selection, params)
             write_csv(out_dir / "top_weights.csv", top_rows)
             write_json(out_dir / "sensitivity_stats.json", stats)
@@ -259,6 +260,15 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     checkpoints.clear()
     lock.release()
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
+
+
+def _by_pointer(matrices, params) -> dict[int, Any]:
+    """Each matrix by the data pointer of the weight view its metric callbacks see."""
+    found: dict[int, Any] = {}
+    for m in matrices:
+        weight = params[m.param].detach()
+        found.setdefault((weight if m.expert is None else weight[m.expert]).data_ptr(), m)
+    return found
 
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
