@@ -21,6 +21,7 @@ import torch
 from esa_core import (
     __version__,
     ablation,
+    analysis,
     criteria,
     data,
     distributed,
@@ -209,6 +210,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed,
                      **metric.findings(_by_pointer(matrices, params), config.seq_len)}
             top_rows = csv_rows(selection, params)
+            stats["hierarchy"] = analysis.hierarchy(top_rows, len(matrices))
             write_csv(out_dir / "top_weights.csv", top_rows)
             write_json(out_dir / "sensitivity_stats.json", stats)
         summary = None
@@ -220,7 +222,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             manifest["stability"] = summary if "skipped" in summary else {
                 "file": "stability_summary.json",
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
-        manifest["success_criteria"] = criteria.phase2(summary, stats)
+        manifest["success_criteria"] = [*criteria.phase2(summary, stats),
+                                        analysis.hierarchy_row(stats["hierarchy"])]
         if config.perturb or config.ablate_top:
             eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
             evaluators = perturbation.build_evaluators(config, registry, model, eval_data)
