@@ -29,8 +29,7 @@ FILE = "ablation.csv"
 
 def columns(measures: Sequence[Measure]) -> list[str]:
     """ablation.csv's columns: the top_weights.csv ones with score_rank, then per measure its
-    value and ratio (relative change) or its change (difference); perplexity's are
-    `ppl,ppl_ratio,accuracy_drop`."""
+    value and ratio (relative change) or its change (difference), e.g. `loss,loss_ratio`."""
     at = CSV_COLUMNS.index("score")
     cols = [*CSV_COLUMNS[:at], "score_rank", *CSV_COLUMNS[at:]]
     for m in measures:

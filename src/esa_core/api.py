@@ -182,15 +182,15 @@ class Perturbation(Configurable):
 # --------------------------------------------------------------------------- evaluators
 
 RELATIVE = "relative"  # change = value / baseline - 1 (perplexity: x2 is +1.0)
-DIFFERENCE = "difference"  # change = baseline - value (accuracy: 0.62 -> 0.40 is 0.22)
+DIFFERENCE = "difference"  # change = baseline - value (a score 0.62 -> 0.40 is 0.22)
 
 
 @dataclass(frozen=True)
 class Measure:
     """One number an evaluator reports, and how a perturbation's effect on it is expressed.
 
-    `name` is the value's key (`ppl`); `change_name` the key of its change against the
-    unperturbed baseline (`ppl_change`). `higher_is_better` orients the change so that damage
+    `name` is the value's key (e.g. `loss`); `change_name` the key of its change against the
+    unperturbed baseline (e.g. `loss_change`). `higher_is_better` orients the change so that damage
     is always positive: a relative change of a higher-is-better value is 1 - value / baseline,
     a difference of a lower-is-better value is value - baseline.
     """
