@@ -152,3 +152,21 @@ def test_embedded_default_runs_offline(tmp_path):
     weights = load_file(gguf_as_folder(default_gguf()) / "model.safetensors")
     assert_csv_indexes_true_weights(out_dir, weights)
     assert len(read_csv(out_dir / "top_weights.csv")) == 5 * 30 * 7
+
+
+def test_cli_prints_critical_weights_and_the_detection_table(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_llama_dir), "--metric", "super_weight", "--mode", "global",
+        "--topk", "5", "--ablate-top", "3", "--critical-ratio", "1.0", "--metric-arg",
+        "threshold=0", *FAST, "--out-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "experiment_manifest.json").read_text())
+    critical = manifest["ablation"]["critical_weights"]
+    assert f"{len(critical)} of 3 ablated" in result.output
+    for w in critical:
+        assert f"{w['param']}[{w['row']}, {w['col']}]" in result.output
+    stats = json.loads((tmp_path / "run" / "sensitivity_stats.json").read_text())
+    layers = stats["super_weight_detection"]["layers"]
+    assert f"Super-weight detection (Yu et al.: both |activations| > 0): {len(layers)}" \
+        in result.output
+    assert all(f"{d['param']}[{d['row']}, {d['col']}]" in result.output for d in layers)

@@ -157,3 +157,36 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
         change = {c: study.trial(s, 0, c, baseline)["ppl_change"] for c, s in sets.items()}
         assert change["super_weights"] > 0.5, (name, change)
         assert change["super_weights"] > 20 * max(change["random_k"], change["bottom_k"], 1e-3)
+
+
+def test_several_perturbation_types_share_the_controls_and_judge_robustness(
+        tiny_llama_dir, small_text, tmp_path):
+    result = run_tiny(tiny_llama_dir, small_text, tmp_path / "out", perturb="sign_flip,zero",
+                      controls=["random_k", "bottom_k"])
+    results = strict_json(result.out_dir / "perturbation_results.json")
+    assert results["perturbations"] == ["sign_flip", "zero"]
+    sections = results["by_perturbation"]
+    for name, section in sections.items():
+        assert section["perturbation"]["name"] == name
+        assert section["baseline"] == results["baseline"]
+    # zeroing a weight twice is zeroing it: the same set gives the same numbers
+    zero = sections["zero"]
+    assert zero["super_weights"]["per_seed"][0]["ppl"] == zero["super_weights"]["per_seed"][1][
+        "ppl"]
+    analysis = strict_json(result.out_dir / "control_analysis.json")
+    assert set(analysis["by_perturbation"]) == {"sign_flip", "zero"}
+    rows = result.manifest["success_criteria"]
+    labelled = [r["criterion"] for r in rows if "[sign_flip]" in r["criterion"]]
+    assert len(labelled) == 3 and sum("[zero]" in r["criterion"] for r in rows) == 3
+    robust = next(r for r in rows if r["criterion"].startswith("robustness"))
+    held = [next(r for r in rows if r["criterion"].startswith(f"{k} [{name}]"))["verdict"]
+            == "PASS" for name in sections for k in ("separation", "magnitude")]
+    assert robust["verdict"] == ("PASS" if all(held) else "FAIL")
+
+
+def test_an_unknown_evaluator_is_one_line(tiny_llama_dir, small_text, tmp_path):
+    from esa_core.errors import EsaError
+
+    with pytest.raises(EsaError, match="unknown evaluator 'nope'"):
+        run_tiny(tiny_llama_dir, small_text, tmp_path / "out", perturb="zero",
+                 evaluator=["nope"])
