@@ -100,13 +100,19 @@ def test_hierarchy_share_by_value():
         return {"param": param, "expert": None, "layer": layer, "component": component,
                 "score": repr(score)}
 
-    # 20 matrices scored; the busiest 2 (10%) hold 8 + 6 of a total 20 -> 0.7
+    # 18 matrices hold top-k weights; the busiest 2 (10%) hold 8 + 6 of a total 30 -> 14/30
     rows = [row("a", 5.0), row("a", 3.0), row("b", 6.0, 1, "attn.q"),
-            *[row(f"m{i}", 1.0, 2) for i in range(6)]]
-    h = analysis.hierarchy(rows, 20)
-    assert h["busiest_matrices"] == 2 and h["top_share"] == pytest.approx(14 / 20)
+            *[row(f"m{i}", 1.0, 2) for i in range(16)]]
+    h = analysis.hierarchy(rows, 40)
+    assert h["busiest_matrices"] == 2 and h["top_share"] == pytest.approx(14 / 30)
+    assert h["hierarchical"] is False
+    assert analysis.hierarchy_row(h)["verdict"] == "FAIL"
+    # 4 matrices: the busiest one (ceil 0.4) holds 8 of 16
+    h = analysis.hierarchy(rows[:5], 40)
+    assert h["busiest_matrices"] == 1 and h["top_share"] == pytest.approx(8 / 16)
     assert h["hierarchical"] is True
-    assert h["component_shares"]["mlp.down"] == pytest.approx(14 / 20)
+    assert h["component_shares"]["mlp.down"] == pytest.approx(10 / 16)
+    assert h["layer_shares"]["2"] == pytest.approx(2 / 16)
     assert analysis.hierarchy_row(h)["verdict"] == "PASS"
     flat = analysis.hierarchy([row(f"m{i}", 1.0) for i in range(20)], 20)
     assert flat["top_share"] == pytest.approx(0.1)

@@ -22,10 +22,10 @@ SUPER = "super_weights"
 SEPARATION = 3.0  # the guide: super-weight perturbations cause >= 3x the impact of random ones
 P_MAX = 0.05  # the super effect must be rarer than this among random draws
 CONTROL_SHORT = {"random_k": "random", "bottom_k": "bottom", "magnitude_k": "magnitude"}
-HIERARCHY_SHARE = 0.10  # the busiest tenth of the matrices ...
+HIERARCHY_SHARE = 0.10  # the busiest tenth of the matrices holding top-k weights ...
 HIERARCHY_MIN = 0.5  # ... must hold at least half of the top-k's score mass
-HIERARCHY_RULE = ("hierarchical = the top 10% of weight matrices (by the top-k score mass "
-                  "they hold) hold >= 50% of it (an even spread: 10%)")
+HIERARCHY_RULE = ("hierarchical = the busiest 10% of the matrices holding top-k weights (by "
+                  "the top-k score mass they hold) hold >= 50% of it (an even spread: 10%)")
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -169,7 +169,9 @@ def hierarchy(top_rows: Sequence[dict[str, Any]], n_matrices: int) -> dict[str, 
     """How concentrated the top-k is over the scored matrices, layers and components.
 
     Score mass rather than counts, so that per_layer mode (k in every matrix) still shows
-    where the large scores sit.
+    where the large scores sit; the busiest tenth is taken of the matrices that hold any
+    top-k weight, so that a global top-k smaller than the number of matrices is not
+    concentrated by construction.
     """
     by: dict[str, dict[Any, float]] = {"matrix": {}, "layer": {}, "component": {}}
     for r in top_rows:
@@ -180,13 +182,14 @@ def hierarchy(top_rows: Sequence[dict[str, Any]], n_matrices: int) -> dict[str, 
             by[key][where] = by[key].get(where, 0.0) + score
     total = math.fsum(by["matrix"].values())
     masses = sorted(by["matrix"].values(), reverse=True)
-    busiest = max(1, math.ceil(HIERARCHY_SHARE * n_matrices))
+    busiest = max(1, math.ceil(HIERARCHY_SHARE * len(masses)))
     share = math.fsum(masses[:busiest]) / total if total > 0 else None
 
     def shares(groups: dict[Any, float]) -> dict[str, float]:
         return {str(k): v / total for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 
-    return {"rule": HIERARCHY_RULE, "n_matrices": n_matrices, "busiest_matrices": busiest,
+    return {"rule": HIERARCHY_RULE, "n_matrices": n_matrices, "occupied_matrices": len(masses),
+            "busiest_matrices": busiest,
             "top_share": share,
             "hierarchical": None if share is None else share >= HIERARCHY_MIN,
             "layer_shares": shares(by["layer"]) if total > 0 else {},
@@ -197,9 +200,10 @@ def hierarchy_row(h: dict[str, Any]) -> dict[str, Any]:
     """Phase 2 hierarchy: clear layer- or component-wise patterns, as a measured share."""
     top = next(iter(h["component_shares"].items()), None)
     note = h["rule"] + (f"; largest component {top[0]} {top[1]:.0%}" if top else "")
-    return criteria.check(f"hierarchy: top-k score share of the busiest {h['busiest_matrices']}"
-                          f" of {h['n_matrices']} matrices", h["top_share"], ">=",
-                          HIERARCHY_MIN, note)
+    return criteria.check("hierarchy: top-k score share of the busiest tenth of matrices",
+                          h["top_share"], ">=", HIERARCHY_MIN,
+                          f"{h['busiest_matrices']} of the {h['occupied_matrices']} matrices "
+                          f"holding top-k weights ({h['n_matrices']} scored); {note}")
 
 
 def phase3_criteria(analysis: dict[str, Any] | None, label: str = "") -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import patheffects, rc_context
+from matplotlib import patheffects, rc_context, ticker
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
@@ -521,8 +521,16 @@ def ablation_effects(run: RunFiles) -> Figure | str:
                         ha="center", va="top", fontsize=7)
     ax.axhline(entry["critical_ratio"], color=OKABE_ITO[1], ls="--",
                label=f"critical ratio {entry['critical_ratio']:g}")
+    for w in entry["critical_weights"]:
+        if w["ratio"] is not None:
+            ax.annotate(f"{w['param'].removesuffix('.weight')}[{w['row']}, {w['col']}]",
+                        (w["score_rank"], w["ratio"]), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("score rank (top_weights.csv)")
     ax.set_ylabel(f"{ratio_key} = {entry['measure']} ablated / baseline")
     ax.grid(True, axis="y")
