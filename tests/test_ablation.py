@@ -66,6 +66,44 @@ def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_p
     assert entry["spearman_score_vs_effect"] == pytest.approx(1 - 6 * d2 / (5 * (25 - 1)))
 
 
+def test_each_candidate_is_a_resume_unit(registry, tmp_path, monkeypatch):
+    from esa_core.checkpoints import Checkpoints
+
+    model = tiny.build(tiny.llama_config())
+    params = {n: p for n, p in model.named_parameters() if n.endswith("mlp.down_proj.weight")}
+    matrices = [LogicalMatrix(n, i, "mlp.down") for i, n in enumerate(params)]
+    selection = select({n: p.detach().abs() for n, p in params.items()}, matrices, 3, "global")
+    top_rows = [{"rank": r, "param": picks.matrix.param, "layer": picks.matrix.layer,
+                 "component": "mlp.down", "expert": None, "row": int(picks.rows[i]),
+                 "col": int(picks.cols[i]), "score": "1.0", "weight": "0"}
+                for r, (picks, i) in enumerate(selection.ranked(), start=1)]
+
+    def study():
+        return ablation.make_study(model, params, [Perplexity()],
+                                   EvalData(tiny.blocks(2, seq_len=12), None, 2),
+                                   registry.get("perturbation", "zero")(), 2,
+                                   Checkpoints(tmp_path, {"run": 1}))
+
+    first = ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path)
+    written = (tmp_path / "ablation.csv").read_text()
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} >= {
+        "ablate_baseline.json", "ablate_1.json", "ablate_2.json"}
+    class Recomputed(Exception):
+        pass
+
+    def refuse(study, one):
+        raise Recomputed(int(one.picks[0].rows[0]), int(one.picks[0].cols[0]))
+
+    monkeypatch.setattr(ablation, "_remove", refuse)
+    (tmp_path / "checkpoints" / "ablate_2.json").unlink()  # as if interrupted before it
+    with pytest.raises(Recomputed) as caught:  # the saved candidate is not evaluated again
+        ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path)
+    assert caught.value.args == (top_rows[1]["row"], top_rows[1]["col"])
+    monkeypatch.undo()
+    assert ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path) == first
+    assert (tmp_path / "ablation.csv").read_text() == written
+
+
 def test_ablate_top_in_a_run_writes_the_csv_manifest_and_report(tiny_llama_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(tiny.wikitext_sample(40_000))
