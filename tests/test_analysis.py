@@ -73,6 +73,10 @@ def test_bootstrap_interval_brackets_the_statistic_and_is_undefined_when_it_must
     assert analysis.bootstrap_ci([[1.0, 1.0]], np.mean) == [1.0, 1.0]
     assert analysis.bootstrap_ci([[1.0]], np.mean) is None
     assert analysis.bootstrap_ci([[1.0, math.inf]], np.mean) is None
+    # one super value (a deterministic rule, one seed) is held fixed; the draws are resampled
+    sig = analysis.significance(results([2.0], [0.1, 0.3], repeats=[0.2, 0.25]), "ppl_change")
+    low, high = sig["ci_separation"]
+    assert 2.0 / 0.3 <= low < 2.0 / np.mean(draws) < high <= 2.0 / 0.1
 
 
 def test_phase3_rows_by_value():

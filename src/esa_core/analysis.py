@@ -143,9 +143,17 @@ def significance(results: dict[str, Any], key: str) -> dict[str, Any]:
             "confidence": CONFIDENCE,
             "ci_super": bootstrap_ci([super_values], np.mean),
             "ci_random": bootstrap_ci([draws], np.mean),
-            "ci_separation": bootstrap_ci(
-                [super_values, draws], lambda s, r, axis: np.mean(s, axis=axis)
-                / np.mean(r, axis=axis))}
+            "ci_separation": _separation_ci(super_values, draws)}
+
+
+def _separation_ci(super_values: list[float], draws: list[float]) -> list[float] | None:
+    """Bootstrap interval of mean(super) / mean(random); one super value (one seed, or a
+    deterministic rule) is held fixed and only the random draws are resampled."""
+    if len(super_values) == 1:
+        (fixed,) = super_values
+        return bootstrap_ci([draws], lambda r, axis: fixed / np.mean(r, axis=axis))
+    return bootstrap_ci([super_values, draws],
+                        lambda s, r, axis: np.mean(s, axis=axis) / np.mean(r, axis=axis))
 
 
 def bootstrap_ci(samples: list[list[float]], statistic) -> list[float] | None:
