@@ -145,7 +145,12 @@ def write_perturbation(folder: Path, super_changes=(41.7, 38.2, 44.9)) -> dict:
     results = {
         "perturbation": {"name": "sign_flip", "scale": 1.0, "prob": 0.05},
         "mode": "per_layer", "topk": 20, "seeds": list(SEEDS),
-        "eval": {"blocks": 16, "tokens": 2032}, "baseline": base,
+        "eval": {"blocks": 16, "tokens": 2032},
+        "measures": [{"name": "ppl", "change_name": "ppl_change", "higher_is_better": False,
+                      "change": "relative"},
+                     {"name": "accuracy", "change_name": "accuracy_drop",
+                      "higher_is_better": True, "change": "difference"}],
+        "baseline": base,
         "super_weights": _condition(list(super_changes), [0.271, 0.262, 0.284], base),
         "random_k": _condition([0.0021, 0.0035, 0.0012], [0.0005, 0.0010, -0.0005], base),
         "bottom_k": _condition([1e-6, 2e-6, 1.5e-6], [0.0, 0.0, 0.0], base),
@@ -173,4 +178,34 @@ def full_run(folder: Path, **core_settings) -> Path:
     core = write_core(folder, **core_settings)
     write_stability(folder, core, core["manifest"]["config"]["topk"])
     write_perturbation(folder)
+    write_ablation(folder)
     return folder
+
+
+def write_ablation(folder: Path, ratios=(7.8, 2.6, 1.3, 1.01, 0.99)) -> None:
+    """ablation.csv and the manifest's `ablation` entry for the top weights' removal."""
+    from esa_core.ablation import columns
+    from esa_core.api import DIFFERENCE, RELATIVE, Measure
+    from esa_core.plots import read_top_weights
+
+    measures = [Measure("ppl", "ppl_change", False, RELATIVE),
+                Measure("accuracy", "accuracy_drop", True, DIFFERENCE)]
+    top = read_top_weights(folder)[:len(ratios)]
+    order = [2, 1, 3, 4, 5]  # score ranks, ranked by effect
+    rows = []
+    for rank, (ratio, score_rank) in enumerate(zip(ratios, order), start=1):
+        w = top[score_rank - 1]
+        rows.append({**{k: w[k] for k in ("param", "layer", "component", "expert", "row",
+                                          "col", "score", "weight")},
+                     "rank": rank, "score_rank": score_rank, "ppl": repr(18.73 * ratio),
+                     "ppl_ratio": repr(ratio), "accuracy_drop": repr(0.01 * ratio)})
+    write_csv(folder / "ablation.csv", rows, columns(measures))
+    path = folder / "experiment_manifest.json"
+    entry = {"file": "ablation.csv", "candidates": len(rows), "eval_blocks": 8,
+             "measure": "ppl", "baseline": {"ppl": 18.73}, "critical_ratio": 2.0,
+             "critical_weights": [{"rank": r["rank"], "param": r["param"], "expert": None,
+                                   "row": r["row"], "col": r["col"],
+                                   "score_rank": r["score_rank"], "ratio": float(r["ppl_ratio"])}
+                                  for r in rows[:2]],
+             "spearman_score_vs_effect": 0.9, "spearman_p_value": 0.04}
+    write_json(path, {**read_json(path), "ablation": entry})

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import esa_core
 from esa_core import pipeline
+from esa_core.checkpoints import folder_bytes, human_bytes
 from esa_core.cli import app
 from esa_core.plugins import PluginInfo, Registry
 
@@ -261,11 +262,31 @@ def test_an_unexpected_failure_mid_run_leaves_error_log_in_the_folder(tiny_llama
     result = CliRunner().invoke(app, ["run", "--model", str(tiny_llama_dir), *FAST,
                                       "--out-dir", str(out_dir)])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
+    size = human_bytes(folder_bytes(out_dir / "checkpoints"))  # the seed's top-k, for --resume
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: unexpected failure during selection: ZeroDivisionError: division by zero. "
         f"The full traceback is in {out_dir / 'error.log'}; please include it when you report "
-        "this.")
+        f"this. {out_dir / 'checkpoints'} holds {size} for --resume; --overwrite (or deleting "
+        "the folder) frees the space.")
     assert "in bug" in (out_dir / "error.log").read_text()
     manifest = json.loads((out_dir / "experiment_manifest.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["last_completed_stage"] == "scoring"
     assert manifest["error"] == "ZeroDivisionError: division by zero"
+
+
+def test_cli_prints_critical_weights_and_the_detection_table(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_llama_dir), "--metric", "super_weight", "--mode", "global",
+        "--topk", "5", "--ablate-top", "3", "--critical-ratio", "1.0", "--metric-arg",
+        "threshold=0", *FAST, "--out-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "experiment_manifest.json").read_text())
+    critical = manifest["ablation"]["critical_weights"]
+    assert f"{len(critical)} of 3 ablated" in result.output
+    for w in critical:
+        assert f"{w['param']}[{w['row']}, {w['col']}]" in result.output
+    stats = json.loads((tmp_path / "run" / "sensitivity_stats.json").read_text())
+    layers = stats["super_weight_detection"]["layers"]
+    assert f"Super-weight detection (Yu et al.: both |activations| > 0): {len(layers)}" \
+        in result.output
+    assert all(f"{d['param']}[{d['row']}, {d['col']}]" in result.output for d in layers)

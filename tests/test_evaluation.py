@@ -1,4 +1,4 @@
-"""Perplexity and accuracy against a hand loop; the perturbation stage end to end."""
+"""The perplexity evaluator against a hand loop; the perturbation stage end to end."""
 
 import json
 import math
@@ -6,9 +6,14 @@ import math
 import pytest
 import tiny
 import torch
+from esa_evaluators.perplexity import Perplexity
 
-from esa_core.evaluation import evaluate
+from esa_core.api import EvalData
 from esa_core.results import finite_json
+
+
+def evaluate(model, blocks, batch_size=1):
+    return Perplexity().evaluate(model, EvalData(blocks, None, batch_size))
 
 
 def hand_loop(model, blocks):
@@ -31,10 +36,10 @@ def test_perplexity_and_accuracy_match_a_hand_loop():
     ppl, accuracy, count = hand_loop(model, blocks)
     for batch_size in (1, 2, 5):
         result = evaluate(model, blocks, batch_size)
-        assert result.tokens == count
-        assert result.ppl == pytest.approx(ppl, rel=1e-5)
-        assert result.accuracy == accuracy
-        assert not result.nonfinite_outputs
+        assert result["tokens"] == count
+        assert result["ppl"] == pytest.approx(ppl, rel=1e-5)
+        assert result["accuracy"] == accuracy
+        assert not result["nonfinite_outputs"]
 
 
 def test_non_finite_outputs_are_a_result_written_as_null_with_a_flag():
@@ -42,8 +47,8 @@ def test_non_finite_outputs_are_a_result_written_as_null_with_a_flag():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = math.inf
     result = evaluate(model, tiny.blocks(2, seq_len=12), 2)
-    assert result.nonfinite_outputs and math.isnan(result.ppl)
-    written = json.loads(json.dumps(finite_json(result.to_dict()), allow_nan=False))
+    assert result["nonfinite_outputs"] and math.isnan(result["ppl"])
+    written = json.loads(json.dumps(finite_json(result), allow_nan=False))
     assert written["ppl"] is None and written["ppl_nonfinite"] == "nan"
 
 
@@ -94,8 +99,10 @@ def test_perturb_with_controls_writes_both_files(tiny_llama_dir, small_text, tmp
     manifest = strict_json(result.out_dir / "experiment_manifest.json")
     assert "evaluation_s" in manifest["timings"]
     rows = phase3_rows(manifest["success_criteria"])
-    assert rows == analysis["success_criteria"] and len(rows) == 3
-    assert {r["verdict"] for r in rows} <= {"PASS", "FAIL"}
+    assert rows == analysis["success_criteria"] and len(rows) == 4
+    assert {r["verdict"] for r in rows[:2]} <= {"PASS", "FAIL"}
+    assert rows[2]["verdict"] == "SKIP" and "--control-repeats 15" in rows[2]["note"]
+    assert rows[3]["verdict"] == "SKIP" and "several --perturb" in rows[3]["note"]
 
 
 def test_perturb_alone_tests_the_super_set_only(tiny_llama_dir, small_text, tmp_path):
@@ -104,13 +111,13 @@ def test_perturb_alone_tests_the_super_set_only(tiny_llama_dir, small_text, tmp_
     assert "super_weights" in results and "random_k" not in results
     assert not (result.out_dir / "control_analysis.json").exists()
     rows = phase3_rows(result.manifest["success_criteria"])
-    assert len(rows) == 3
-    assert all(r["verdict"] == "SKIP" and "--controls" in r["note"] for r in rows)
+    assert len(rows) == 4
+    assert all(r["verdict"] == "SKIP" and "--controls" in r["note"] for r in rows[:3])
 
 
 def phase3_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["criterion"].startswith(("separation", "magnitude",
-                                                           "significance"))]
+                                                           "significance", "robustness"))]
 
 
 @pytest.mark.slow
@@ -140,12 +147,46 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
     for name in ("random_k", "bottom_k"):
         sets[name] = control_set(name, top, index, scores, 100, "per_layer",
                                  generator_for(0, name))
-    study = Study(model, params, matrices, scores, top, tokens.eval_blocks,
+    study = Study(model, params, matrices, scores, top, [Perplexity()],
+                  EvalData(tokens.eval_blocks, tokenizer, 2),
                   registry.get("perturbation", "sign_flip")(), 1.0, 0.0, 100, "per_layer",
-                  seeds=[0], batch_size=2)
+                  seeds=[0])
     baseline = study.evaluate("baseline")
     for name in ("sign_flip", "zero"):
         study.perturbation = registry.get("perturbation", name)()
         change = {c: study.trial(s, 0, c, baseline)["ppl_change"] for c, s in sets.items()}
         assert change["super_weights"] > 0.5, (name, change)
         assert change["super_weights"] > 20 * max(change["random_k"], change["bottom_k"], 1e-3)
+
+
+def test_several_perturbation_types_share_the_controls_and_judge_robustness(
+        tiny_llama_dir, small_text, tmp_path):
+    result = run_tiny(tiny_llama_dir, small_text, tmp_path / "out", perturb="sign_flip,zero",
+                      controls=["random_k", "bottom_k"])
+    results = strict_json(result.out_dir / "perturbation_results.json")
+    assert results["perturbations"] == ["sign_flip", "zero"]
+    sections = results["by_perturbation"]
+    for name, section in sections.items():
+        assert section["perturbation"]["name"] == name
+        assert section["baseline"] == results["baseline"]
+    # zeroing a weight twice is zeroing it: the same set gives the same numbers
+    zero = sections["zero"]
+    assert zero["super_weights"]["per_seed"][0]["ppl"] == zero["super_weights"]["per_seed"][1][
+        "ppl"]
+    analysis = strict_json(result.out_dir / "control_analysis.json")
+    assert set(analysis["by_perturbation"]) == {"sign_flip", "zero"}
+    rows = result.manifest["success_criteria"]
+    labelled = [r["criterion"] for r in rows if "[sign_flip]" in r["criterion"]]
+    assert len(labelled) == 3 and sum("[zero]" in r["criterion"] for r in rows) == 3
+    robust = next(r for r in rows if r["criterion"].startswith("robustness"))
+    held = [next(r for r in rows if r["criterion"].startswith(f"{k} [{name}]"))["verdict"]
+            == "PASS" for name in sections for k in ("separation", "magnitude")]
+    assert robust["verdict"] == ("PASS" if all(held) else "FAIL")
+
+
+def test_an_unknown_evaluator_is_one_line(tiny_llama_dir, small_text, tmp_path):
+    from esa_core.errors import EsaError
+
+    with pytest.raises(EsaError, match="unknown evaluator 'nope'"):
+        run_tiny(tiny_llama_dir, small_text, tmp_path / "out", perturb="zero",
+                 evaluator=["nope"])

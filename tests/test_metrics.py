@@ -286,11 +286,16 @@ def test_every_metric_runs_end_to_end(family_dirs, small_text, tmp_path, metric,
     manifest = json.loads((result.out_dir / "experiment_manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["metric"]["name"] == metric
-    assert manifest["metric"]["options"] == (
-        {"probes": 2, "score": "saliency"} if metric == "hutchinson_diag" else {})
+    assert manifest["metric"]["options"] == {"hutchinson_diag": {"probes": 2, "score": "saliency"},
+                                             "super_weight": {"threshold": 50.0}}.get(metric, {})
     components = set(manifest["metric"]["components"])
     if metric == "super_weight":
         assert components and components <= {"mlp.down", "moe.down"}
+        stats = json.loads((result.out_dir / "sensitivity_stats.json").read_text())
+        detected = stats["super_weight_detection"]["layers"]
+        assert len(detected) == int(manifest["model"]["n_matrices"])
+        assert "Super-weight detection" in (result.out_dir /
+                                                         "report.html").read_text()
         assert {p.matrix.component for p in result.selection.picks} <= components
     else:  # the adapter's whole default set, not narrowed to down-projections
         assert components - {"mlp.down", "moe.down"}
@@ -361,3 +366,60 @@ def test_embedded_top1_weights_matter_far_more_than_random_ones(tmp_path):
         top, random = change[metric]
         assert top > 0.1 and top > 100 * abs(random) and top > 10 * baseline_top, \
             (metric, top1[metric], top, random)
+
+
+def test_super_weight_detection_matches_the_papers_rule_written_independently(registry):
+    """Yu et al.'s rule by hand: hook every down_proj, take the flat argmax of |input| and of
+    |output| over all calibration tokens, name [output channel, input channel], compare both
+    magnitudes with the threshold. Planted: a spike through layers.1 down_proj[5, 7]."""
+    from esa_core.pipeline import _by_pointer
+
+    model, scored = llama(registry, include=("mlp.down",))
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight[5, 7] = 4 * mlp.down_proj.weight.abs().max()
+        mlp.up_proj.weight[7] *= 30
+    seq_len, blocks = 10, tiny.blocks(3, seq_len=10, seed=2)
+    seen = {}
+
+    def hook(name):
+        def record(module, args, output):
+            x, y = args[0].reshape(-1, args[0].shape[-1]), output.reshape(-1, output.shape[-1])
+            seen.setdefault(name, ([], []))[0].append(x.detach().abs())
+            seen[name][1].append(y.detach().abs())
+        return record
+
+    handles = [s.module.register_forward_hook(hook(s.name)) for s in scored]
+    with torch.no_grad():
+        for block in blocks:
+            model(input_ids=block[None])
+    for h in handles:
+        h.remove()
+    expected = {}
+    threshold = None
+    for name, (xs, ys) in seen.items():
+        x, y = torch.cat(xs), torch.cat(ys)
+        tx, col = divmod(int(x.argmax()), x.shape[1])
+        ty, row = divmod(int(y.argmax()), y.shape[1])
+        expected[name] = (row, col, float(y[ty, row]), ty % seq_len, float(x[tx, col]),
+                          tx % seq_len)
+    planted = expected["model.layers.1.mlp.down_proj.weight"]
+    others = max(max(e[2], e[4]) for n, e in expected.items() if "layers.1." not in n)
+    threshold = (min(planted[2], planted[4]) + others) / 2  # only the planted layer passes
+    assert min(planted[2], planted[4]) > others and planted[:2] == (5, 7)
+
+    metric = registry.get("metric", "super_weight")(threshold=str(threshold))
+    score(registry, model, scored, metric, blocks[:2], seed=0)  # two seeds' streams
+    score(registry, model, scored, metric, blocks[2:], seed=1)
+    matrices = [m for s in scored for m in s.matrices]
+    found = metric.findings(_by_pointer(matrices, {s.name: s.param for s in scored}), seq_len)
+    table = found["super_weight_detection"]
+    assert table["threshold"] == threshold
+    assert len(table["layers"]) == len(expected)
+    for d in table["layers"]:
+        row, col, out_max, out_tok, in_max, in_tok = expected[d["param"]]
+        assert (d["row"], d["col"], d["output_token"], d["input_token"]) == \
+            (row, col, out_tok, in_tok)
+        assert d["output_max"] == pytest.approx(out_max, rel=1e-6)
+        assert d["input_max"] == pytest.approx(in_max, rel=1e-6)
+        assert d["passes"] == ("layers.1." in d["param"])

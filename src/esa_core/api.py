@@ -136,6 +136,16 @@ class Metric(Configurable):
         """The score of every weight of the matrix (weight-shaped, higher = more sensitive)."""
         return state / max(num_batches, 1)
 
+    def findings(self, matrices: dict[int, LogicalMatrix], seq_len: int) -> dict[str, Any]:
+        """Results beyond the scores, added to sensitivity_stats.json after every seed scored.
+
+        A metric that keeps them (e.g. super_weight's detection table) records them in its
+        callbacks under `weight.data_ptr()`; `matrices` maps that pointer to the matrix it
+        belongs to, and `seq_len` turns a token's index in the stream into its position in its
+        block. The default has none.
+        """
+        return {}
+
 
 # --------------------------------------------------------------------------- perturbations
 
@@ -172,15 +182,15 @@ class Perturbation(Configurable):
 # --------------------------------------------------------------------------- evaluators
 
 RELATIVE = "relative"  # change = value / baseline - 1 (perplexity: x2 is +1.0)
-DIFFERENCE = "difference"  # change = baseline - value (accuracy: 0.62 -> 0.40 is 0.22)
+DIFFERENCE = "difference"  # change = baseline - value (a score 0.62 -> 0.40 is 0.22)
 
 
 @dataclass(frozen=True)
 class Measure:
     """One number an evaluator reports, and how a perturbation's effect on it is expressed.
 
-    `name` is the value's key (`ppl`); `change_name` the key of its change against the
-    unperturbed baseline (`ppl_change`). `higher_is_better` orients the change so that damage
+    `name` is the value's key (e.g. `loss`); `change_name` the key of its change against the
+    unperturbed baseline (e.g. `loss_change`). `higher_is_better` orients the change so that damage
     is always positive: a relative change of a higher-is-better value is 1 - value / baseline,
     a difference of a lower-is-better value is value - baseline.
     """

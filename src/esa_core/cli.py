@@ -102,7 +102,8 @@ def run_command(
     out_dir: str | None = typer.Option(
         None, help="Result folder. Default: outputs/esa/<model>/<metric>_<mode>_k<topk>."),
     perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
-                                          "gauss_noise, bit_flip, zero, ..."),
+                                          "gauss_noise, bit_flip, zero, ...; several, "
+                                          "comma-separated, are each tested (robustness)."),
     perturb_scale: float = typer.Option(1.0, help="sign_flip: w <- -scale*w; gauss_noise: "
                                         "sigma = scale x std of the weight's own matrix."),
     perturb_prob: float = typer.Option(0.05, help="Per-bit flip probability of bit_flip."),
@@ -139,6 +140,16 @@ def run_command(
     checkpoint: str = typer.Option(
         "auto", help="Save the seeds' running score sum for --resume: always, never, or auto "
         "(only when writing it is quick next to scoring a seed)."),
+    evaluator: str = typer.Option("perplexity", help="Evaluators measuring each perturbed "
+                                  "model, comma-separated; the first one's first measure is "
+                                  "judged by the criteria."),
+    ablate_top: int = typer.Option(0, help="Zero each of the N top-ranked weights alone, "
+                                   "measure, restore: ablation.csv."),
+    critical_ratio: float = typer.Option(2.0, help="A weight is critical when removing it "
+                                         "alone multiplies perplexity (the primary measure) "
+                                         "by at least this."),
+    ablate_eval_samples: int | None = typer.Option(
+        None, help="Held-out blocks per ablation. Default: 8 on a CPU, 64 on a GPU."),
 ) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
     _setup_logging(verbose, quiet)
@@ -160,6 +171,8 @@ def run_command(
                 include=parse_list(include), exclude=parse_list(exclude),
                 metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
                 gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
+                evaluator=parse_list(evaluator), ablate_top=ablate_top,
+                critical_ratio=critical_ratio, ablate_eval_samples=ablate_eval_samples,
             )
             result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
     except KeyboardInterrupt as exc:
@@ -170,8 +183,11 @@ def run_command(
     if distributed.is_main():
         if not quiet:
             from esa_core.criteria import table
+            from esa_core.report import findings
 
             typer.echo(table(result.manifest["success_criteria"]))
+            for line in findings(result.manifest, result.stats):
+                typer.echo(line)
             typer.echo(top_weights_text(result.out_dir / "top_weights.csv"))
         typer.echo(f"Results written to {result.out_dir}; the report is "
                    f"{result.out_dir / 'report.html'}")

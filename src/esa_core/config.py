@@ -27,6 +27,8 @@ CPU_EVAL_SAMPLES, GPU_EVAL_SAMPLES = 16, 64
 # (benchmarks/gpu_guide_8b.py measures it). A CPU keeps 1: its defaults are sized for 2 cores.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 1, 4
 CHECKPOINT_POLICIES = ("auto", "always", "never")
+# --ablate-top evaluates once per candidate: fewer blocks (see README for the noise floor)
+CPU_ABLATE_SAMPLES, GPU_ABLATE_SAMPLES = 8, 64
 
 
 def parse_seeds(text: str | list[int] | tuple[int, ...]) -> list[int]:
@@ -84,7 +86,7 @@ class RunConfig:
     save_plots: bool = False
     verbose: bool = False
     out_dir: str | None = None
-    perturb: str | None = None
+    perturb: str | None = None  # one type or several, comma-separated
     perturb_scale: float = 1.0
     perturb_prob: float = 0.05
     controls: list[str] = field(default_factory=list)
@@ -105,6 +107,10 @@ class RunConfig:
     accum_dtype: str = "fp32"
     gradient_checkpointing: bool = False
     checkpoint: str = "auto"
+    evaluator: list[str] = field(default_factory=lambda: ["perplexity"])
+    ablate_top: int = 0
+    critical_ratio: float = 2.0
+    ablate_eval_samples: int | None = None
 
     def validate(self, registry: Registry) -> RunConfig:
         """Check every choice against the installed plugins; raise EsaError on the first problem."""
@@ -136,7 +142,22 @@ class RunConfig:
         if self.adapter is not None:
             registry.get("model adapter", self.adapter)
         if self.perturb is not None:
-            registry.get("perturbation", self.perturb)
+            if not self.perturb_types():
+                raise EsaError("--perturb needs at least one perturbation name.")
+            for name in self.perturb_types():
+                registry.get("perturbation", name)
+        self.evaluator = parse_list(self.evaluator)
+        if not self.evaluator:
+            raise EsaError("--evaluator needs at least one evaluator name.")
+        for name in self.evaluator:
+            registry.get("evaluator", name)
+        if self.ablate_top < 0:
+            raise EsaError(f"--ablate-top must be 0 or more; got {self.ablate_top}.")
+        if not self.critical_ratio > 0:
+            raise EsaError(f"--critical-ratio must be positive; got {self.critical_ratio}.")
+        if self.ablate_eval_samples is not None and self.ablate_eval_samples <= 0:
+            raise EsaError("--ablate-eval-samples must be a positive integer; got "
+                           f"{self.ablate_eval_samples}.")
         for control in self.controls:
             if control not in CONTROLS:
                 raise unknown_choice("control", control, CONTROLS)
@@ -157,6 +178,10 @@ class RunConfig:
         registry.get("metric", self.metric)(**self.metric_args)
         return self
 
+    def perturb_types(self) -> list[str]:
+        """--perturb as a list of perturbation names (empty without --perturb)."""
+        return parse_list(self.perturb)
+
     def resolved(self, device_type: str) -> RunConfig:
         """Fill the defaults that depend on the device (shorter, fewer blocks on a CPU)."""
         on_gpu = device_type == "cuda"
@@ -168,6 +193,9 @@ class RunConfig:
             self.eval_samples = GPU_EVAL_SAMPLES if on_gpu else CPU_EVAL_SAMPLES
         if self.batch_size is None:
             self.batch_size = GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+        if self.ablate_eval_samples is None:
+            self.ablate_eval_samples = min(self.eval_samples, GPU_ABLATE_SAMPLES if on_gpu
+                                           else CPU_ABLATE_SAMPLES)
         return self
 
     def default_out_dir(self, model_id: str) -> Path:

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 import re
-import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,22 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from esa_core import criteria
-from esa_core.api import LogicalMatrix, Perturbation, ScoredParam
+from esa_core import analysis
+from esa_core.analysis import SUPER
+from esa_core.api import EvalData, Evaluator, LogicalMatrix, Measure, Perturbation, ScoredParam
 from esa_core.checkpoints import Checkpoints
 from esa_core.config import RunConfig
 from esa_core.controls import WeightIndex, control_set, overlap
-from esa_core.evaluation import Evaluation, evaluate
+from esa_core.errors import EsaError
 from esa_core.plugins import Registry
 from esa_core.results import write_json
 from esa_core.selection import Selection
 
 log = logging.getLogger(__name__)
-
-SUPER = "super_weights"
-SEPARATION = 3.0  # the guide: super-weight perturbations cause >= 3x the impact of random ones
-Z_ABOVE_NOISE = 3.0  # super effect at least 3 standard deviations above the random controls
-CONTROL_SHORT = {"random_k": "random", "bottom_k": "bottom", "magnitude_k": "magnitude"}
 
 
 class RestoreError(RuntimeError):
@@ -107,6 +102,30 @@ def generator_for(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def measures_of(evaluators: Sequence[Evaluator]) -> list[Measure]:
+    """Every evaluator's declared measures in order; the first is the primary one."""
+    return [m for e in evaluators for m in e.measures()]
+
+
+def evaluate_all(evaluators: Sequence[Evaluator], model: nn.Module, data: EvalData,
+                 label: str) -> dict[str, Any]:
+    """One model state measured by every evaluator, as one flat dict."""
+    result: dict[str, Any] = {}
+    for evaluator in evaluators:
+        result.update(evaluator.evaluate(model, data, label))
+    return result
+
+
+def changes(measures: Sequence[Measure], result: Mapping[str, Any],
+            baseline: Mapping[str, Any]) -> dict[str, float]:
+    """Each measure's change against the baseline, keyed by its change_name (damage > 0)."""
+    def number(value: float | None) -> float:
+        return math.nan if value is None else float(value)
+
+    return {m.change_name: m.damage(number(result[m.name]), number(baseline[m.name]))
+            for m in measures}
+
+
 @dataclass
 class Study:
     """What the perturbation test needs: the model, the sets' ingredients and the settings."""
@@ -116,25 +135,30 @@ class Study:
     matrices: Sequence[LogicalMatrix]
     scores: Mapping[str, torch.Tensor]
     super_set: Selection
-    eval_blocks: torch.Tensor
+    evaluators: Sequence[Evaluator]
+    eval_data: EvalData
     perturbation: Perturbation
     scale: float
     prob: float
     topk: int
     mode: str
     seeds: Sequence[int]
-    batch_size: int = 1
-    progress: bool = False
     pristine_checksums: dict[int, int] = field(default_factory=dict)
     #: where each finished evaluation is saved as it completes, so --resume skips it
     checkpoints: Checkpoints | None = None
+    #: prefixes the resume units, so that several perturbation types keep theirs apart
+    unit_prefix: str = ""
 
-    def evaluate(self, label: str) -> Evaluation:
-        return evaluate(self.model, self.eval_blocks, self.batch_size, self.progress, label)
+    @property
+    def measures(self) -> list[Measure]:
+        return measures_of(self.evaluators)
 
-    def _once(self, unit: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def evaluate(self, label: str) -> dict[str, Any]:
+        return evaluate_all(self.evaluators, self.model, self.eval_data, label)
+
+    def once(self, unit: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """`compute()`, or its value saved by an interrupted run of the same settings."""
-        unit = "perturb_" + re.sub(r"[^A-Za-z0-9_]+", "_", unit)
+        unit = re.sub(r"[^A-Za-z0-9_]+", "_", unit)
         saved = self.checkpoints.load_json(unit) if self.checkpoints else None
         if saved is not None:
             return saved
@@ -143,42 +167,43 @@ class Study:
             self.checkpoints.save_json(unit, value)
         return value
 
+    def baseline(self) -> dict[str, Any]:
+        """The unperturbed model's measures (one resume unit, shared by every type)."""
+        return self.once("perturb_baseline", lambda: self.evaluate("baseline"))
+
     def trial(self, selection: Selection, seed: int, label: str,
-              baseline: Evaluation) -> dict[str, Any]:
+              baseline: dict[str, Any]) -> dict[str, Any]:
         """Perturb `selection` with the rule seeded by `seed`, evaluate, restore."""
-        return self._once(f"{label}_seed{seed}",
-                          lambda: self._trial(selection, seed, label, baseline))
+        return self.once(f"perturb_{self.unit_prefix}{label}_seed{seed}",
+                         lambda: self._trial(selection, seed, label, baseline))
 
     def _trial(self, selection: Selection, seed: int, label: str,
-               baseline: Evaluation) -> dict[str, Any]:
+               baseline: dict[str, Any]) -> dict[str, Any]:
         generator = generator_for(seed, "perturb")
         with perturbed(selection, self.params, self.perturbation, generator, self.scale,
                        self.prob, self.pristine_checksums) as facts:
             result = self.evaluate(f"{label} seed {seed}")
-        return {
-            "seed": seed,
-            "n_weights": len(selection),
-            **result.to_dict(),
-            "ppl_change": result.ppl / baseline.ppl - 1.0,
-            "accuracy_drop": baseline.accuracy - result.accuracy,
-            "facts": facts,
-        }
+        return {"seed": seed, "n_weights": len(selection), **result,
+                **changes(self.measures, result, baseline), "facts": facts}
 
     def control(self, name: str, index: WeightIndex, generator: torch.Generator) -> Selection:
         return control_set(name, self.super_set, index, self.scores, self.topk, self.mode,
                            generator)
 
-    def run(self, controls: Sequence[str], control_repeats: int = 0) -> dict[str, Any]:
+    def run(self, controls: Sequence[str], control_repeats: int = 0,
+            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
         """perturbation_results.json: the baseline, then each condition over the seeds."""
         index = WeightIndex(self.matrices, self.params)
-        baseline = Evaluation(**self._once("baseline",
-                                           lambda: self.evaluate("baseline").to_dict()))
+        baseline = baseline if baseline is not None else self.baseline()
         results: dict[str, Any] = {
             "perturbation": {"name": self.perturbation.name, "scale": self.scale,
                              "prob": self.prob},
             "mode": self.mode, "topk": self.topk, "seeds": list(self.seeds),
-            "eval": {"blocks": len(self.eval_blocks), "tokens": baseline.tokens},
-            "baseline": baseline.to_dict(),
+            "eval": {"blocks": len(self.eval_data.blocks), "tokens": baseline.get("tokens")},
+            "measures": [{"name": m.name, "change_name": m.change_name,
+                          "higher_is_better": m.higher_is_better, "change": m.change}
+                         for m in self.measures],
+            "baseline": baseline,
         }
         for name in (SUPER, *controls):
             per_seed, selection = [], None
@@ -191,7 +216,7 @@ class Study:
                 if name != SUPER:
                     trial["overlap_with_super"] = overlap(selection, self.super_set, index)
                 per_seed.append(trial)
-            results[name] = summarise(per_seed)
+            results[name] = analysis.summarise(per_seed, self.measures)
         if control_repeats:
             repeats = []
             for r in range(control_repeats):
@@ -203,141 +228,61 @@ class Study:
         return results
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = math.fsum(values) / len(values)
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return mean, (0.0 if len(values) < 2 else math.nan)
-    return mean, statistics.stdev(values)
+def build_evaluators(config: RunConfig, registry: Registry, model: nn.Module,
+                     data: EvalData) -> list[Evaluator]:
+    """The --evaluator plugins, each prepared once; their measure names must not collide."""
+    evaluators = [registry.get("evaluator", name)() for name in config.evaluator]
+    names = [n for m in measures_of(evaluators) for n in (m.name, m.change_name)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EsaError(f"--evaluator {','.join(config.evaluator)}: two measures share the "
+                       f"name '{repeated[0]}'.")
+    for evaluator in evaluators:
+        evaluator.prepare(model, data)
+    return evaluators
 
 
-def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """One condition: means over seeds up front (the guide's keys), then per_seed, mean, std."""
-    keys = ("ppl_change", "accuracy_drop", "ppl", "accuracy", "loss")
-    mean, std = {}, {}
-    for key in keys:
-        mean[key], std[key] = _mean_std([float(t[key]) for t in per_seed])
-    return {
-        "ppl_change": mean["ppl_change"], "accuracy_drop": mean["accuracy_drop"],
-        "ppl": mean["ppl"], "accuracy": mean["accuracy"],
-        "nonfinite_seeds": sum(t["nonfinite_outputs"] or not math.isfinite(t["ppl"])
-                               for t in per_seed),
-        "per_seed": per_seed, "mean": mean, "std": std,
-    }
-
-
-# --------------------------------------------------------------------------- analysis
-
-
-def _damage(value: float | None) -> float:
-    """ppl_change for comparisons: a model whose outputs became non-finite is broken (+inf)."""
-    return math.inf if value is None or math.isnan(value) else value
-
-
-def _ratio(a: float, b: float) -> float:
-    a, b = _damage(a), _damage(b)
-    if math.isinf(a) and math.isinf(b):
-        return math.nan
-    if b <= 0.0:
-        return math.inf if a > 0.0 else math.nan
-    return a / b
-
-
-def analyse(results: dict[str, Any]) -> dict[str, Any]:
-    """control_analysis.json: separation ratios, the controls' spread, significance."""
-    changes = {name: _damage(results[name]["ppl_change"])
-               for name in (SUPER, *CONTROL_SHORT) if name in results}
-    separation = {f"super_vs_{short}": _ratio(changes[SUPER], changes[name])
-                  for name, short in CONTROL_SHORT.items() if name in changes}
-    if "random_k" in changes and "bottom_k" in changes:
-        separation["random_vs_bottom"] = _ratio(changes["random_k"], changes["bottom_k"])
-    spread = {}
-    for name in CONTROL_SHORT:
-        if name in results:
-            values = [_damage(t["ppl_change"]) for t in results[name]["per_seed"]]
-            mean, std = _mean_std(values)
-            spread[name] = {"ppl_change_mean": mean, "ppl_change_std": std,
-                            "ppl_change_min": min(values), "ppl_change_max": max(values),
-                            "draws": len(values)}
-    analysis: dict[str, Any] = {"ppl_change": changes, "separation": separation,
-                                "spread": spread}
-    if "random_k" in results:
-        analysis["significance"] = significance(results)
-    if "magnitude_k" in results:
-        analysis["magnitude_overlap_with_super"] = \
-            results["magnitude_k"]["per_seed"][0]["overlap_with_super"]
-    return analysis
-
-
-def significance(results: dict[str, Any]) -> dict[str, Any]:
-    """How far the super effect lies from the random controls' effects (seeds and repeats).
-
-    z: distance from the random draws' mean in their standard deviations. p: the permutation
-    style rank, (1 + draws at least as damaging as the super set) / (1 + draws): with N random
-    draws it cannot be below 1/(N+1), so --control-repeats sets how small p can get.
-    """
-    super_change = _damage(results[SUPER]["ppl_change"])
-    draws = [_damage(t["ppl_change"]) for t in results["random_k"]["per_seed"]]
-    draws += [_damage(t["ppl_change"]) for t in results.get("random_k_repeats", [])]
-    mean, std = _mean_std(draws)
-    if math.isinf(super_change) and not math.isinf(mean):
-        z = math.inf
-    elif std > 0.0 and math.isfinite(std):
-        z = (super_change - mean) / std
-    else:
-        z = math.nan
-    at_least = sum(d >= super_change for d in draws)
-    return {"random_draws": len(draws), "random_ppl_changes": draws,
-            "random_mean": mean, "random_std": std, "z_score": z,
-            "p_value": (1 + at_least) / (1 + len(draws)), "p_value_floor": 1 / (1 + len(draws))}
-
-
-def phase3_criteria(analysis: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The guide's Phase 3 success criteria, as `criteria` rows."""
-    changes = (analysis or {}).get("ppl_change", {})
-    sep = (analysis or {}).get("separation", {})
-    sig = (analysis or {}).get("significance")
-    needs = "run with --controls random_k,bottom_k"
-    ordering = "separation: dPPL(super) > dPPL(random) > dPPL(bottom)"
-    magnitude = "magnitude: dPPL(super) / dPPL(random)"
-    significance = "significance: z of dPPL(super) over the random controls"
-    rows = []
-    if "random_k" in changes and "bottom_k" in changes:
-        order = [changes[SUPER], changes["random_k"], changes["bottom_k"]]
-        rows.append(criteria.check(ordering, order[0] > order[1] > order[2], "==", True,
-                                   " > ".join(_fmt(v) for v in order)))
-    else:
-        rows.append(criteria.skipped(ordering, "==", True, needs))
-    if "super_vs_random" in sep:
-        rows.append(criteria.check(magnitude, sep["super_vs_random"], ">=", SEPARATION))
-        rows.append(criteria.check(significance, sig["z_score"], ">=", Z_ABOVE_NOISE))
-    else:
-        rows.append(criteria.skipped(magnitude, ">=", SEPARATION, needs))
-        rows.append(criteria.skipped(significance, ">=", Z_ABOVE_NOISE, needs))
-    return rows
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
-
-
-def run_stage(config: RunConfig, registry: Registry, model: nn.Module,
-              scored: Sequence[ScoredParam], scores: Mapping[str, torch.Tensor],
-              super_set: Selection, eval_blocks: torch.Tensor, out_dir: Path,
+def run_stage(config: RunConfig, model: nn.Module, scored: Sequence[ScoredParam],
+              scores: Mapping[str, torch.Tensor], super_set: Selection,
+              perturbations: Sequence[Perturbation], evaluators: Sequence[Evaluator],
+              data: EvalData, out_dir: Path,
               checkpoints: Checkpoints | None = None) -> list[dict]:
-    """The pipeline's evaluation stage: run the study, write its files, return the criteria."""
-    study = Study(
-        model=model, params={s.name: s.param for s in scored},
-        matrices=[m for s in scored for m in s.matrices], scores=scores, super_set=super_set,
-        eval_blocks=eval_blocks, perturbation=registry.get("perturbation", config.perturb)(),
-        scale=config.perturb_scale, prob=config.perturb_prob, topk=config.topk,
-        mode=config.mode, seeds=config.seeds, batch_size=config.batch_size, progress=True,
-        checkpoints=checkpoints)
-    results = study.run(config.controls, config.control_repeats)
+    """The pipeline's evaluation stage: run the study once per perturbation type against the
+    same controls, write its files, return the criteria rows.
+
+    One type keeps the classic shape of perturbation_results.json; several put one such
+    section per type under `by_perturbation` (and the same in control_analysis.json).
+    """
+    several = len(perturbations) > 1
+    pristine: dict[int, int] = {}
+    sections, analyses = {}, {}
+    baseline = None
+    for perturbation in perturbations:
+        study = Study(
+            model=model, params={s.name: s.param for s in scored},
+            matrices=[m for s in scored for m in s.matrices], scores=scores,
+            super_set=super_set, evaluators=evaluators, eval_data=data,
+            perturbation=perturbation, scale=config.perturb_scale, prob=config.perturb_prob,
+            topk=config.topk, mode=config.mode, seeds=config.seeds,
+            pristine_checksums=pristine, checkpoints=checkpoints,
+            unit_prefix=f"{perturbation.name}_" if several else "")
+        baseline = baseline if baseline is not None else study.baseline()
+        sections[perturbation.name] = study.run(config.controls, config.control_repeats,
+                                                baseline)
+        if config.controls:
+            analyses[perturbation.name] = analysis.analyse(sections[perturbation.name],
+                                                           study.measures)
+    rows = []
+    for name in sections:
+        rows += analysis.phase3_criteria(analyses.get(name), name if several else "")
+    rows.append(analysis.robustness_row({name: analyses.get(name) for name in sections}))
+    if several:
+        results = {"perturbations": list(sections), "baseline": baseline,
+                   "by_perturbation": sections}
+        control = {"perturbations": list(sections), "by_perturbation": analyses}
+    else:
+        results, control = next(iter(sections.values())), next(iter(analyses.values()), None)
     write_json(out_dir / "perturbation_results.json", results)
-    analysis = analyse(results) if config.controls else None
-    rows = phase3_criteria(analysis)
-    if analysis is not None:
-        write_json(out_dir / "control_analysis.json", {**analysis, "success_criteria": rows})
+    if config.controls:
+        write_json(out_dir / "control_analysis.json", {**control, "success_criteria": rows})
     return rows

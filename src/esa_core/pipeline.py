@@ -20,6 +20,8 @@ import torch
 
 from esa_core import (
     __version__,
+    ablation,
+    analysis,
     criteria,
     data,
     distributed,
@@ -30,7 +32,7 @@ from esa_core import (
     report,
     stability,
 )
-from esa_core.api import Metric, ModelAdapter, ScoredParam
+from esa_core.api import EvalData, Metric, ModelAdapter, ScoredParam
 from esa_core.checkpoints import (
     Checkpoints,
     resumable_manifest,
@@ -229,8 +231,11 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
-            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed}
-            write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
+            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed,
+                     **metric.findings(_by_pointer(matrices, params), config.seq_len)}
+            top_rows = csv_rows(selection, params)
+            stats["hierarchy"] = analysis.hierarchy(top_rows, len(matrices))
+            write_csv(out_dir / "top_weights.csv", top_rows)
             write_json(out_dir / "sensitivity_stats.json", stats)
         summary = None
         if config.stability_check:
@@ -241,12 +246,27 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             manifest["stability"] = summary if "skipped" in summary else {
                 "file": "stability_summary.json",
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
-        manifest["success_criteria"] = criteria.phase2(summary, stats)
+        manifest["success_criteria"] = [*criteria.phase2(summary, stats),
+                                        analysis.hierarchy_row(stats["hierarchy"])]
+        if config.perturb or config.ablate_top:
+            eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
+            evaluators = perturbation.build_evaluators(config, registry, model, eval_data)
         if config.perturb:
             with stages.stage("evaluation"):
                 manifest["success_criteria"] += perturbation.run_stage(
-                    config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
-                    out_dir, checkpoints)
+                    config, model, scored, mean_scores, selection,
+                    [registry.get("perturbation", name)() for name in config.perturb_types()],
+                    evaluators, eval_data, out_dir, checkpoints)
+        if config.ablate_top:
+            with stages.stage("ablation"):
+                study = ablation.make_study(
+                    model, params, evaluators, eval_data,
+                    registry.get("perturbation", ablation.ZERO)(), config.ablate_eval_samples,
+                    checkpoints)
+                manifest["ablation"] = ablation.run(
+                    study, selection, top_rows, config.ablate_top,
+                    config.critical_ratio, out_dir)
+            write_json(out_dir / MANIFEST, {**manifest, "status": "running"})  # for the plots
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
             figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
@@ -280,6 +300,15 @@ def _note_checkpoint_size(exc: BaseException, checkpoints: Checkpoints) -> None:
     note = checkpoints.size_note() if distributed.is_main() else None
     if note:
         exc.add_note(note)
+
+
+def _by_pointer(matrices, params) -> dict[int, Any]:
+    """Each matrix by the data pointer of the weight view its metric callbacks see."""
+    found: dict[int, Any] = {}
+    for m in matrices:
+        weight = params[m.param].detach()
+        found.setdefault((weight if m.expert is None else weight[m.expert]).data_ptr(), m)
+    return found
 
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
@@ -350,8 +379,11 @@ def _restored(checkpoints: Checkpoints, seeds: list[int], matrices, devices,
 def _manifest(config, argv, source, model, model_config, adapter, scored, tokens, device, dtype,
               registry: Registry, started_at: str) -> dict[str, Any]:
     used = {("metric", config.metric), ("model adapter", adapter.name)}
-    if config.perturb:
-        used.add(("perturbation", config.perturb))
+    used |= {("perturbation", name) for name in config.perturb_types()}
+    if config.ablate_top:
+        used.add(("perturbation", ablation.ZERO))
+    if config.perturb or config.ablate_top:
+        used |= {("evaluator", name) for name in config.evaluator}
     plugins = [
         {"kind": e.kind, "name": e.name, "distribution": e.distribution, "version": e.version}
         for e in registry.entries if (e.kind, e.name) in used

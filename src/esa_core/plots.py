@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import patheffects, rc_context
+from matplotlib import patheffects, rc_context, ticker
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
@@ -41,7 +41,7 @@ STYLE = {
     "svg.hashsalt": "esa", "path.simplify": True,
 }
 FIGURES = ("sensitivity_heatmap.png", "weight_distribution.png", "stability_analysis.png",
-           "perturbation_effects.png")
+           "perturbation_effects.png", "ablation.png")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunFiles:
     stability: dict[str, Any] | None = None
     perturbation: dict[str, Any] | None = None
     control: dict[str, Any] | None = None
+    ablation: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def read(cls, folder: str | Path) -> RunFiles:
@@ -70,7 +71,7 @@ class RunFiles:
         return cls(folder, read_json(folder / "experiment_manifest.json"),
                    optional("sensitivity_stats.json"), read_top_weights(folder),
                    optional("stability_summary.json"), optional("perturbation_results.json"),
-                   optional("control_analysis.json"))
+                   optional("control_analysis.json"), read_ablation(folder))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -100,6 +101,26 @@ def read_top_weights(folder: Path) -> list[dict[str, Any]]:
                  "weight": float(row["weight"])} for row in csv.DictReader(f)]
 
 
+def read_ablation(folder: Path) -> list[dict[str, Any]]:
+    """ablation.csv as rows; numbers parsed, empty cells None."""
+    path = folder / "ablation.csv"
+    if not path.is_file():
+        return []
+
+    def parsed(text: str) -> Any:
+        if text == "":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: parsed(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 @dataclass
 class Figures:
     """Rendered PNGs by file name, and for each figure not drawn the reason why."""
@@ -122,6 +143,7 @@ def render(run: RunFiles) -> Figures:
         "weight_distribution.png": weight_distribution,
         "stability_analysis.png": stability_analysis,
         "perturbation_effects.png": perturbation_effects,
+        "ablation.png": ablation_effects,
     }
     figures = Figures()
     with rc_context(STYLE):
@@ -438,31 +460,85 @@ def _overlap_vs_k(ax, s: dict, k: Any) -> None:
 # --------------------------------------------------------------------------- perturbation
 
 
-def perturbation_effects(run: RunFiles) -> Figure | str:
-    """ΔPPL and accuracy drop per condition: mean ± SD, every seed, the random-k noise band."""
-    p = run.perturbation
+def perturbation_sections(p: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(title, results) per perturbation type: one for the classic shape, one per type for
+    several (`by_perturbation`)."""
     if p is None:
+        return []
+    if "by_perturbation" in p:
+        return [(f"Perturbation: {name}", section)
+                for name, section in p["by_perturbation"].items()]
+    return [(f"Perturbation: {p.get('perturbation', {}).get('name', '?')}", p)]
+
+
+def perturbation_effects(run: RunFiles) -> Figure | str:
+    """Each declared measure's change per condition: mean ± SD, every seed, the random-k noise
+    band; one row of panels per perturbation type."""
+    sections = [(t, p) for t, p in perturbation_sections(run.perturbation)
+                if any(isinstance(p.get(n), dict) for n in CONDITIONS)]
+    if run.perturbation is None:
         return "perturbation_results.json is missing (run with --perturb)"
-    names = [n for n in CONDITIONS if isinstance(p.get(n), dict)]
-    if not names:
+    if not sections:
         return "perturbation_results.json holds no condition"
-    fig = Figure(figsize=(11, 4.6), layout="constrained")
-    axes = fig.subplots(1, 2)
-    metrics = [("ppl_change", 1.0, "ΔPPL = PPL_perturbed / PPL_baseline − 1"),
-               ("accuracy_drop", 100.0, "accuracy drop (percentage points)")]
-    for ax, (key, unit, label) in zip(axes, metrics):
-        ax.set_ylabel(label)
-        _condition_panel(ax, p, names, key, unit)
-    base = p.get("baseline", {})
-    pert = p.get("perturbation", {})
-    how = pert.get("name", run.config.get("perturb") or "perturbation")
-    handles, labels = axes[0].get_legend_handles_labels()
+    measures = sections[0][1].get("measures", [])
+    if not measures:
+        return "perturbation_results.json declares no measures (written by an older ESA)"
+    fig = Figure(figsize=(5.5 * len(measures), 4.2 * len(sections) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(sections), len(measures), squeeze=False))
+    for row, (title, p) in enumerate(sections):
+        names = [n for n in CONDITIONS if isinstance(p.get(n), dict)]
+        for ax, m in zip(axes[row], measures):
+            key = m["change_name"]
+            how = "relative change" if m["change"] == "relative" else "difference"
+            ax.set_ylabel(f"{key} ({how}; > 0 is worse)")
+            ax.set_title(f"{title.removeprefix('Perturbation: ')}: {key}", loc="left")
+            _condition_panel(ax, p, names, key, 1.0)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
-    axes[0].set_title("perplexity change", loc="left")
-    axes[1].set_title("next-token accuracy drop", loc="left")
-    baseline = (f"baseline PPL {base['ppl']:.3g}, accuracy {100 * base['accuracy']:.1f}%"
-                if base.get("ppl") is not None and base.get("accuracy") is not None else "")
-    fig.suptitle(f"{how} on the top-k weights vs controls: {run.title()}\n{baseline}")
+    base = sections[0][1].get("baseline", {})
+    baseline = ", ".join(f"{m['name']} {base[m['name']]:.4g}" for m in measures
+                         if isinstance(base.get(m["name"]), float))
+    fig.suptitle(f"perturbing the top-k weights vs controls: {run.title()}\nbaseline {baseline}")
+    return fig
+
+
+def ablation_effects(run: RunFiles) -> Figure | str:
+    """Measured harm of removing each candidate alone against its score rank."""
+    entry = run.manifest.get("ablation")
+    if not entry or not run.ablation:
+        return "ablation.csv is missing (run with --ablate-top N)"
+    ratio_key = f"{entry['measure']}_ratio"
+    if ratio_key not in run.ablation[0]:
+        return f"the primary measure {entry['measure']} has no ratio column"
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.subplots()
+    x = [r["score_rank"] for r in run.ablation]
+    y = [r[ratio_key] if isinstance(r[ratio_key], float) else math.nan for r in run.ablation]
+    ax.plot(x, y, "o", color=OKABE_ITO[0], ms=6, label="one weight removed alone")
+    for r in run.ablation:
+        if r[ratio_key] is None:
+            ax.annotate("non-finite", (r["score_rank"], 1), xycoords=("data", "axes fraction"),
+                        ha="center", va="top", fontsize=7)
+    ax.axhline(entry["critical_ratio"], color=OKABE_ITO[1], ls="--",
+               label=f"critical ratio {entry['critical_ratio']:g}")
+    for w in entry["critical_weights"]:
+        if w["ratio"] is not None:
+            ax.annotate(f"{w['param'].removesuffix('.weight')}[{w['row']}, {w['col']}]",
+                        (w["score_rank"], w["ratio"]), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("score rank (top_weights.csv)")
+    ax.set_ylabel(f"{ratio_key} = {entry['measure']} ablated / baseline")
+    ax.grid(True, axis="y")
+    ax.legend(loc="upper right")
+    rho = entry.get("spearman_score_vs_effect")
+    fig.suptitle(f"removing each top weight alone: {run.title()}\nSpearman(score, effect) = "
+                 + ("-" if rho is None else f"{rho:.3f}")
+                 + f" over {entry['candidates']} weights, {entry['eval_blocks']} blocks")
     return fig
 
 

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from esa_core.plots import FIGURES, Figures, RunFiles, render
+from esa_core.plots import FIGURES, Figures, RunFiles, perturbation_sections, render
 from esa_core.results import atomic_write_text
 
 TOP_ROWS = 20
@@ -25,7 +25,10 @@ CAPTIONS = {
     "stability_analysis.png": "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
                               "overlap as k grows.",
     "perturbation_effects.png": "Damage done by perturbing the top-k weights versus the control "
-                                "sets: perplexity change and accuracy drop, every seed shown.",
+                                "sets, one panel per measure, every seed shown.",
+    "ablation.png": "Each candidate removed alone: the measured effect against its score "
+                    "rank, with the critical ratio and the Spearman correlation of score and "
+                    "effect.",
 }
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
@@ -80,6 +83,8 @@ def page(run: RunFiles, figures: Figures) -> str:
         _section("Environment", m.get("environment", {})),
         "</div>",
         _results(run),
+        _ablation(run),
+        _detection(run),
         _top_weights(run),
         "<h2>Figures</h2>",
     ]
@@ -148,18 +153,18 @@ def _results(run: RunFiles) -> str:
         out.append(_section("Stability across seeds", {
             k: s.get(k) for k in ("num_seeds", "jaccard_mean", "jaccard_std",
                                   "topk_overlap_size")}))
-    if run.perturbation:
-        p = run.perturbation
+    for title, p in perturbation_sections(run.perturbation):
+        measures = p.get("measures", [])
         base = p.get("baseline", {})
-        rows = [["baseline", base.get("ppl"), None, base.get("accuracy"), None]]
+        rows = [["baseline"] + [v for m in measures for v in (base.get(m["name"]), None)]]
         for name in ("super_weights", "random_k", "bottom_k", "magnitude_k"):
             if isinstance(p.get(name), dict):
                 c = p[name]
-                rows.append([name, c.get("ppl"), c.get("ppl_change"), c.get("accuracy"),
-                             c.get("accuracy_drop")])
-        out.append("<div><h2>Perturbation (means over seeds)</h2>" + _table(
-            ["condition", "PPL", "ΔPPL (relative)", "accuracy", "accuracy drop"], rows)
-            + "</div>")
+                rows.append([name] + [v for m in measures
+                                      for v in (c.get(m["name"]), c.get(m["change_name"]))])
+        header = ["condition"] + [h for m in measures for h in (m["name"], m["change_name"])]
+        out.append(f"<div><h2>{escape(title)} (means over seeds)</h2>"
+                   + _table(header, rows) + "</div>")
     return f"<div class='grid'>{''.join(out)}</div>" if out else ""
 
 
@@ -172,3 +177,59 @@ def _top_weights(run: RunFiles) -> str:
             "<p class='note'>the weight is <code>param[row, col]</code>, or "
             "<code>param[expert, row, col]</code> where an expert is given.</p>"
             + _table(cols, rows))
+
+
+def findings(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str]:
+    """Terminal lines: the critical weights of --ablate-top and the super-weight detection."""
+    lines = []
+    ablation = manifest.get("ablation")
+    if ablation:
+        crit = ablation["critical_weights"]
+        lines.append(f"Critical weights (removing one alone multiplies {ablation['measure']} by "
+                     f">= {ablation['critical_ratio']:g}; {len(crit)} of "
+                     f"{ablation['candidates']} ablated):")
+        lines += [f"  {_where(w)}  x{w['ratio']:.3g}  (score rank {w['score_rank']})"
+                  if w["ratio"] is not None else f"  {_where(w)}  broken (non-finite)"
+                  for w in crit] or ["  none"]
+    detection = (stats or {}).get("super_weight_detection")
+    if detection:
+        passed = [d for d in detection["layers"] if d["passes"]]
+        lines.append(f"Super-weight detection (Yu et al.: both |activations| > "
+                     f"{detection['threshold']:g}): {len(passed)} layer(s)")
+        lines += [f"  {d['param']}[{d['row']}, {d['col']}]  |out| {d['output_max']:.4g} at "
+                  f"token {d['output_token']}, |in| {d['input_max']:.4g} at token "
+                  f"{d['input_token']}" for d in passed]
+    return lines
+
+
+def _where(w: dict[str, Any]) -> str:
+    index = f"{w['row']}, {w['col']}" if w.get("expert") is None else \
+        f"{w['expert']}, {w['row']}, {w['col']}"
+    return f"{w['param']}[{index}]"
+
+
+def _ablation(run: RunFiles) -> str:
+    entry = run.manifest.get("ablation")
+    if not entry or not run.ablation:
+        return ""
+    cols = list(run.ablation[0])
+    rho = entry.get("spearman_score_vs_effect")
+    crit = entry["critical_weights"]
+    return (f"<h2>Ablation: each of the top {entry['candidates']} weights removed alone</h2>"
+            f"<p class='note'>{len(crit)} critical weight(s): removing one alone multiplies "
+            f"{escape(entry['measure'])} by &ge; {entry['critical_ratio']:g}. Measured on "
+            f"{entry['eval_blocks']} held-out blocks. Spearman correlation of score and "
+            f"measured effect: {'-' if rho is None else f'{rho:.3f}'} (does the metric order "
+            "the weights as removal does?)</p>" + _table(cols, [list(r.values())
+                                                              for r in run.ablation]))
+
+
+def _detection(run: RunFiles) -> str:
+    detection = (run.stats or {}).get("super_weight_detection")
+    if not detection:
+        return ""
+    cols = ["param", "layer", "row", "col", "output_max", "output_token", "input_max",
+            "input_token", "passes"]
+    return (f"<h2>Super-weight detection (Yu et al. 2024)</h2><p class='note'>"
+            f"{escape(detection['rule'])}</p>"
+            + _table(cols, [[d.get(c) for c in cols] for d in detection["layers"]]))

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 
 from esa_core.api import LogicalMatrix, ScoredParam
 from esa_core.results import write_json
@@ -97,21 +98,11 @@ def jaccard(a: Iterable[Hashable], b: Iterable[Hashable]) -> float:
     return len(a & b) / union if union else 1.0
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing the mean of the ranks they span (as Spearman's rho needs)."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse]
-
-
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rho with average ranks for ties; None when either side has no spread."""
-    if len(a) < 2:
+    """Spearman's rho (scipy, average ranks for ties); None when either side has no spread."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    ra, rb = average_ranks(a), average_ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(stats.spearmanr(a, b).statistic)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

@@ -11,9 +11,9 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from esa_core.api import DIFFERENCE, RELATIVE, EvalData, Evaluator, Measure
+from esa_core.progress import track
 
 
 class Perplexity(Evaluator):
@@ -37,8 +37,9 @@ class Perplexity(Evaluator):
         correct = torch.zeros((), dtype=torch.int64, device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         tokens = 0
-        for batch in tqdm(data.blocks.split(data.batch_size), desc=label or "evaluating",
-                          unit="batch", leave=False, disable=None):
+        # an evaluation is one of many in a stage: a bar on a terminal, no end line in a log
+        for batch in track(data.blocks.split(data.batch_size), label or "evaluating", "batches",
+                           final=False):
             batch = batch.to(device, non_blocking=True)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             targets = batch[:, 1:]

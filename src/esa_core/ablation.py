@@ -1,0 +1,132 @@
+"""--ablate-top N: which of the top-ranked weights, removed alone, break the model?
+
+A metric's score predicts; removal measures. Each of the N highest-ranked weights (in
+top_weights.csv order) is zeroed alone with the `zero` perturbation, the model is measured by
+the run's evaluators on the ablation blocks, and the weight is restored bit-exactly (the
+perturbation study's machinery). ablation.csv ranks the candidates by the measured damage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy import stats
+from torch import nn
+
+from esa_core.analysis import damage
+from esa_core.api import RELATIVE, EvalData, Evaluator, Measure, Perturbation
+from esa_core.perturbation import Study, changes, generator_for, perturbed
+from esa_core.results import CSV_COLUMNS, write_csv
+from esa_core.selection import Picks, Selection
+
+ZERO = "zero"  # the rule that removes a weight
+FILE = "ablation.csv"
+
+
+def columns(measures: Sequence[Measure]) -> list[str]:
+    """ablation.csv's columns: the top_weights.csv ones with score_rank, then per measure its
+    value and ratio (relative change) or its change (difference), e.g. `loss,loss_ratio`."""
+    at = CSV_COLUMNS.index("score")
+    cols = [*CSV_COLUMNS[:at], "score_rank", *CSV_COLUMNS[at:]]
+    for m in measures:
+        cols += [m.name, f"{m.name}_ratio"] if m.change == RELATIVE else [m.change_name]
+    return cols
+
+
+def harm_ratio(measure: Measure, value: float | None, baseline: float) -> float:
+    """How many times worse: value / baseline for a lower-is-better measure, else the inverse."""
+    if value is None or math.isnan(value):
+        return math.inf
+    num, den = (baseline, value) if measure.higher_is_better else (value, baseline)
+    return num / den if den else math.inf
+
+
+def one_weight(picks: Picks, i: int) -> Selection:
+    return Selection([Picks(picks.matrix, picks.rows[i:i + 1], picks.cols[i:i + 1],
+                            picks.scores[i:i + 1])])
+
+
+def ablation_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` of the held-out blocks, spread evenly over them (all of them when n >= len)."""
+    if n >= len(blocks):
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
+
+
+def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]], n: int,
+        critical_ratio: float, out_dir: Path) -> dict[str, Any]:
+    """Ablate the top `n` weights one at a time; write ablation.csv; return the manifest entry.
+
+    `study` supplies the model, the evaluators on the ablation blocks, the zero rule and the
+    resume units; each candidate is one unit.
+    """
+    measures = study.measures
+    primary = measures[0]
+    baseline = study.once("ablate_baseline", lambda: study.evaluate("ablation baseline"))
+    rows = []
+    for (picks, i), top in zip(selection.ranked()[:n], top_rows):
+        result = study.once(f"ablate_{top['rank']}",
+                            lambda picks=picks, i=i: _remove(study, one_weight(picks, i)))
+        row = {k: top[k] for k in CSV_COLUMNS if k != "rank"}
+        row["score_rank"] = top["rank"]
+        change_of = changes(measures, result, baseline)
+        for m, change in zip(measures, change_of.values()):
+            if m.change == RELATIVE:
+                row[m.name] = result[m.name]
+                ratio = None if result[m.name] is None else result[m.name] / baseline[m.name]
+                row[f"{m.name}_ratio"] = ratio
+            else:
+                row[m.change_name] = change
+        row["_damage"] = damage(change_of[primary.change_name])
+        row["_harm"] = harm_ratio(primary, result[primary.name], baseline[primary.name])
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["_damage"], r["score_rank"]))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    write_csv(out_dir / FILE, [{k: _text(v) for k, v in r.items()} for r in rows],
+              columns(measures))
+    return summary(rows, primary, baseline, critical_ratio, len(study.eval_data.blocks))
+
+
+def _remove(study: Study, selection: Selection) -> dict[str, Any]:
+    with perturbed(selection, study.params, study.perturbation, generator_for(0, ZERO), 0.0,
+                   0.0, study.pristine_checksums):
+        return study.evaluate("ablating")
+
+
+def _text(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value
+
+
+def summary(rows: list[dict[str, Any]], primary: Measure, baseline: Mapping[str, Any],
+            critical_ratio: float, blocks: int) -> dict[str, Any]:
+    """The manifest's `ablation` entry: the critical weights and how well the score ordered
+    the weights by their measured effect (Spearman over the candidates)."""
+    critical = [{"rank": r["rank"], "param": r["param"], "expert": r["expert"], "row": r["row"],
+                 "col": r["col"], "score_rank": r["score_rank"], "ratio": r["_harm"]}
+                for r in rows if r["_harm"] >= critical_ratio]
+    scores = [float(r["score"]) for r in rows]
+    effects = [min(r["_damage"], 1e300) for r in rows]  # a broken model ranks highest
+    rho = stats.spearmanr(scores, effects) if len(rows) > 2 else None
+    return {
+        "file": FILE, "candidates": len(rows), "eval_blocks": blocks,
+        "measure": primary.name, "baseline": {primary.name: baseline[primary.name]},
+        "critical_ratio": critical_ratio, "critical_weights": critical,
+        "spearman_score_vs_effect": None if rho is None else float(rho.statistic),
+        "spearman_p_value": None if rho is None else float(rho.pvalue),
+    }
+
+
+def make_study(model: nn.Module, params: Mapping[str, nn.Parameter],
+               evaluators: Sequence[Evaluator], data: EvalData, zero: Perturbation,
+               n_blocks: int, checkpoints) -> Study:
+    """A Study that only serves single-weight removals on `n_blocks` of the held-out blocks."""
+    small = EvalData(ablation_blocks(data.blocks, n_blocks), data.tokenizer, data.batch_size)
+    return Study(model=model, params=params, matrices=[], scores={}, super_set=Selection([]),
+                 evaluators=evaluators, eval_data=small, perturbation=zero, scale=0.0, prob=0.0,
+                 topk=0, mode="global", seeds=[], checkpoints=checkpoints)
+
