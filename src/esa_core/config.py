@@ -49,7 +49,9 @@ def parse_list(text: str | list[str] | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_metric_args(pairs: list[str] | dict[str, Any] | None) -> dict[str, str]:
+def parse_metric_args(pairs: list[str] | dict[str, Any] | None,
+                      flag: str = "--metric-arg") -> dict[str, str]:
+    """Repeated `key=value` flags (--metric-arg, --perturb-arg) as a dict."""
     if not pairs:
         return {}
     if isinstance(pairs, dict):
@@ -58,7 +60,7 @@ def parse_metric_args(pairs: list[str] | dict[str, Any] | None) -> dict[str, str
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise EsaError(f"--metric-arg must look like key=value; got '{pair}'.")
+            raise EsaError(f"{flag} must look like key=value; got '{pair}'.")
         out[key.strip()] = value.strip()
     return out
 
@@ -79,8 +81,13 @@ class RunConfig:
     verbose: bool = False
     out_dir: str | None = None
     perturb: str | None = None
-    perturb_scale: float = 1.0
-    perturb_prob: float = 0.05
+    #: the guide's spellings of the perturbation options `scale` and `prob`; None: its default
+    perturb_scale: float | None = None
+    perturb_prob: float | None = None
+    perturb_args: dict[str, str] = field(default_factory=dict)
+    #: the lm_eval evaluator's options `tasks` and `limit`
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
     controls: list[str] = field(default_factory=list)
     control_repeats: int = 0
     dataset: str = "wikitext2"
@@ -122,12 +129,14 @@ class RunConfig:
         if self.seq_len is not None and self.seq_len < 2:
             raise EsaError("--seq-len must be at least 2 (one token predicts the next).")
         self.seeds = parse_seeds(self.seeds)
-        if not 0.0 <= self.perturb_prob <= 1.0:
+        if self.perturb_prob is not None and not 0.0 <= self.perturb_prob <= 1.0:
             raise EsaError(f"--perturb-prob must lie in [0, 1]; got {self.perturb_prob}.")
         if self.adapter is not None:
             registry.get("model adapter", self.adapter)
-        if self.perturb is not None:
-            registry.get("perturbation", self.perturb)
+        if self.perturb is not None:  # building it validates its options
+            registry.get("perturbation", self.perturb)(**self.perturbation_options())
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise EsaError(f"--eval-limit must be a positive integer; got {self.eval_limit}.")
         for control in self.controls:
             if control not in CONTROLS:
                 raise unknown_choice("control", control, CONTROLS)
@@ -147,6 +156,17 @@ class RunConfig:
         # building the metric validates its options (unknown option, wrong type)
         registry.get("metric", self.metric)(**self.metric_args)
         return self
+
+    def perturbation_options(self) -> dict[str, Any]:
+        """--perturb-arg, with --perturb-scale and --perturb-prob as `scale=` and `prob=`."""
+        guide = {"scale": self.perturb_scale, "prob": self.perturb_prob}
+        return {**{k: v for k, v in guide.items() if v is not None}, **self.perturb_args}
+
+    def evaluator_options(self, cls: type) -> dict[str, Any]:
+        """--eval-task and --eval-limit as `tasks=` and `limit=`, for an evaluator with them."""
+        given = {"tasks": ",".join(self.eval_tasks) or None, "limit": self.eval_limit}
+        declared = {o.name for o in getattr(cls, "options", ())}
+        return {k: v for k, v in given.items() if v is not None and k in declared}
 
     def resolved(self, device_type: str) -> RunConfig:
         """Fill the defaults that depend on the device (shorter, fewer blocks on a CPU)."""

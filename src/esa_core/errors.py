@@ -10,6 +10,10 @@ class EsaError(Exception):
     """A mistake the user can fix (bad flag, missing file, impossible request)."""
 
 
+class PluginFailure(EsaError):
+    """A plugin (metric, perturbation, evaluator) raised: name it instead of a traceback."""
+
+
 def closest(value: str, choices: Iterable[str]) -> str | None:
     """The choice a user most likely meant: `activation_magnitude` -> `act_mag`."""
     choices = list(choices)

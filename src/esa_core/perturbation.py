@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from esa_core import criteria
-from esa_core.api import LogicalMatrix, Perturbation, ScoredParam
+from esa_core.api import LogicalMatrix, Perturbation
 from esa_core.checkpoints import Checkpoints
-from esa_core.config import RunConfig
 from esa_core.controls import WeightIndex, control_set, overlap
+from esa_core.errors import PluginFailure
 from esa_core.evaluation import Evaluation, evaluate
-from esa_core.plugins import Registry
+from esa_core.guards import plugin_call
 from esa_core.results import write_json
 from esa_core.selection import Selection
 
@@ -61,8 +61,8 @@ def _flat(param: nn.Parameter) -> torch.Tensor:
 
 @contextmanager
 def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
-              perturbation: Perturbation, generator: torch.Generator, scale: float,
-              prob: float, pristine: dict[int, int] | None = None) -> Iterator[dict[str, int]]:
+              perturbation: Perturbation, generator: torch.Generator,
+              pristine: dict[int, int] | None = None) -> Iterator[dict[str, int]]:
     """Perturb `selection` in place for the `with` body; yield the summed facts; restore exactly.
 
     Only the selected values are saved. Raises RestoreError if the touched parameters' checksum
@@ -83,10 +83,11 @@ def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
     facts: dict[str, int] = {}
     try:
         for matrix, param, index, original in touched:
-            new, found = perturbation.perturb(original.clone(), matrix.view(param.detach()),
-                                              generator, scale, prob)
+            new, found = plugin_call(f"perturbation '{perturbation.name}' failed",
+                                     perturbation.perturb, original.clone(),
+                                     matrix.view(param.detach()), generator)
             if new.shape != original.shape or new.dtype != original.dtype:
-                raise RuntimeError(
+                raise PluginFailure(
                     f"perturbation '{perturbation.name}' returned {new.dtype} {tuple(new.shape)}"
                     f" for {original.dtype} {tuple(original.shape)}")
             _flat(param)[index] = new.to(param.device)
@@ -118,8 +119,6 @@ class Study:
     super_set: Selection
     eval_blocks: torch.Tensor
     perturbation: Perturbation
-    scale: float
-    prob: float
     topk: int
     mode: str
     seeds: Sequence[int]
@@ -152,8 +151,8 @@ class Study:
     def _trial(self, selection: Selection, seed: int, label: str,
                baseline: Evaluation) -> dict[str, Any]:
         generator = generator_for(seed, "perturb")
-        with perturbed(selection, self.params, self.perturbation, generator, self.scale,
-                       self.prob, self.pristine_checksums) as facts:
+        with perturbed(selection, self.params, self.perturbation, generator,
+                       self.pristine_checksums) as facts:
             result = self.evaluate(f"{label} seed {seed}")
         return {
             "seed": seed,
@@ -174,8 +173,7 @@ class Study:
         baseline = Evaluation(**self._once("baseline",
                                            lambda: self.evaluate("baseline").to_dict()))
         results: dict[str, Any] = {
-            "perturbation": {"name": self.perturbation.name, "scale": self.scale,
-                             "prob": self.prob},
+            "perturbation": {"name": self.perturbation.name, **self.perturbation.settings},
             "mode": self.mode, "topk": self.topk, "seeds": list(self.seeds),
             "eval": {"blocks": len(self.eval_blocks), "tokens": baseline.tokens},
             "baseline": baseline.to_dict(),
@@ -322,21 +320,12 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def run_stage(config: RunConfig, registry: Registry, model: nn.Module,
-              scored: Sequence[ScoredParam], scores: Mapping[str, torch.Tensor],
-              super_set: Selection, eval_blocks: torch.Tensor, out_dir: Path,
-              checkpoints: Checkpoints | None = None) -> list[dict]:
+def run_stage(study: Study, controls: Sequence[str], control_repeats: int,
+              out_dir: Path) -> list[dict]:
     """The pipeline's evaluation stage: run the study, write its files, return the criteria."""
-    study = Study(
-        model=model, params={s.name: s.param for s in scored},
-        matrices=[m for s in scored for m in s.matrices], scores=scores, super_set=super_set,
-        eval_blocks=eval_blocks, perturbation=registry.get("perturbation", config.perturb)(),
-        scale=config.perturb_scale, prob=config.perturb_prob, topk=config.topk,
-        mode=config.mode, seeds=config.seeds, batch_size=config.batch_size, progress=True,
-        checkpoints=checkpoints)
-    results = study.run(config.controls, config.control_repeats)
+    results = study.run(controls, control_repeats)
     write_json(out_dir / "perturbation_results.json", results)
-    analysis = analyse(results) if config.controls else None
+    analysis = analyse(results) if controls else None
     rows = phase3_criteria(analysis)
     if analysis is not None:
         write_json(out_dir / "control_analysis.json", {**analysis, "success_criteria": rows})

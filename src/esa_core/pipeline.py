@@ -29,7 +29,7 @@ from esa_core import (
     report,
     stability,
 )
-from esa_core.api import Metric, ModelAdapter, ScoredParam
+from esa_core.api import Metric, ModelAdapter, Perturbation, ScoredParam
 from esa_core.checkpoints import (
     Checkpoints,
     resumable_manifest,
@@ -156,6 +156,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         lock.acquire()  # refuse at once, not after loading, if another process writes here
     previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
     metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
+    rule: Perturbation | None = registry.get("perturbation", config.perturb)(
+        **config.perturbation_options()) if config.perturb else None
 
     with stages.stage("load"):
         model_config = loading.load_config(source, config.trust_remote_code)
@@ -194,6 +196,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                          device, dtype, registry, started_at)
     manifest["metric"] = {"name": metric.name, "options": metric.settings,
                           "components": sorted({m.component for s in scored for m in s.matrices})}
+    if rule is not None:
+        manifest["perturbation"] = {"name": rule.name, "options": rule.settings}
     if previous:
         manifest.update(resume_record(previous, started_at))
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
@@ -220,9 +224,13 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         manifest["success_criteria"] = criteria.phase2(summary, stats)
         if config.perturb:
             with stages.stage("evaluation"):
+                study = perturbation.Study(
+                    model=model, params=params, matrices=matrices, scores=mean_scores,
+                    super_set=selection, eval_blocks=tokens.eval_blocks, perturbation=rule,
+                    topk=config.topk, mode=config.mode, seeds=config.seeds,
+                    batch_size=config.batch_size, progress=True, checkpoints=checkpoints)
                 manifest["success_criteria"] += perturbation.run_stage(
-                    config, registry, model, scored, mean_scores, selection, tokens.eval_blocks,
-                    out_dir, checkpoints)
+                    study, config.controls, config.control_repeats, out_dir)
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
             figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
