@@ -81,3 +81,66 @@ def test_a_broken_plugin_is_reported_not_fatal(tmp_path):
     assert "missing dependency xyz" in broken[0]["description"]
     assert any(r["name"] == "grad_x_weight" for r in rows)
     assert "failed to load" in result.stderr
+
+
+REFUSED = '''
+from esa_core import hookimpl
+from esa_core.api import GRAD, HVP, Metric, Perturbation
+
+
+class Both(Metric):
+    """Needs both: on_grad would never run."""
+    name = "both"
+    needs = frozenset({GRAD, HVP})
+
+
+class Fine(Perturbation):
+    """A valid rule beside the refused ones."""
+    name = "fine"
+
+
+@hookimpl
+def register_metrics(register):
+    register(Both)
+    register(Fine)  # a perturbation offered as a metric
+
+
+@hookimpl
+def register_perturbations(register):
+    register(Fine)
+'''
+
+
+def test_a_refused_class_is_a_broken_row_and_its_siblings_still_register(tmp_path):
+    dist = tmp_path / "esa_refused-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: esa-refused\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[esa]\nrefused = esa_refused_module\n")
+    (tmp_path / "esa_refused_module.py").write_text(REFUSED)
+    result = subprocess.run([*ESA, "list-plugins", "--json"], env=_env(tmp_path),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    broken = {r["name"]: r["description"] for r in rows if r["kind"] == "broken plugin"}
+    assert "needs both grad and hvp" in broken["Both"]
+    assert "not a subclass of esa_core.api.Metric" in broken["Fine"]
+    assert ("perturbation", "fine") in {(r["kind"], r["name"]) for r in rows}
+    assert "refused" in result.stderr
+
+
+@pytest.mark.parametrize("kind, body, message", [
+    ("metric", "class X(Metric):\n    needs = frozenset({'grad'})", "metric X has no `name`"),
+    ("metric", "class X(Metric):\n    name = 'x'\n    needs = frozenset({'gradient'})",
+     "needs unknown 'gradient'; known: activations, grad, hvp"),
+    ("evaluator", "class X(Metric):\n    name = 'x'",
+     "registered as kind .evaluator. but is not a subclass of esa_core.api.Evaluator"),
+])
+def test_registration_checks_the_class(kind, body, message):
+    from esa_core import api
+    from esa_core.errors import EsaError
+    from esa_core.plugins import check_plugin_class
+
+    scope = {"Metric": api.Metric}
+    exec(body, scope)
+    with pytest.raises(EsaError, match=message):
+        check_plugin_class(kind, scope["X"])

@@ -27,7 +27,6 @@ from esa_core.stability import JACCARD_NOTE, jaccard, rank_correlation
 MANIFEST = "experiment_manifest.json"
 TOP_WEIGHTS = "top_weights.csv"
 HEATMAP = "comparison_heatmap.png"
-CONSISTENCY_MIN = 0.3  # the guide's Jaccard threshold, applied across runs
 SAME_MODEL_KEYS = ("id", "n_params")
 
 
