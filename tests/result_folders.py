@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from esa_core.api import LogicalMatrix
+from esa_core.layout import read_json
 from esa_core.pipeline import csv_rows
-from esa_core.results import read_json, write_csv, write_json
+from esa_core.results import write_csv, write_json
 from esa_core.selection import select
 from esa_core.stats import sensitivity_stats
 

@@ -19,13 +19,8 @@ import torch
 from torch import nn
 
 from esa_core.errors import EsaError, unknown_choice
+from esa_core.layout import COMPONENTS
 
-COMPONENTS = (
-    "attn.q", "attn.k", "attn.v", "attn.o",
-    "mlp.gate", "mlp.up", "mlp.down",
-    "moe.router", "moe.gate", "moe.up", "moe.down",
-    "embed", "lm_head", "other",
-)
 NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
 
 

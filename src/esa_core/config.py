@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from esa_core.errors import EsaError, unknown_choice
+from esa_core.layout import CONTROLS
 from esa_core.plugins import Registry
 from esa_core.selection import MODES
 
@@ -15,7 +16,6 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ACCUM_DTYPES = ("fp32", "bf16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-CONTROLS = ("random_k", "bottom_k", "magnitude_k")
 
 # Defaults for the embedded model on a CPU: small enough to finish in well under two minutes.
 CPU_SEQ_LEN, GPU_SEQ_LEN = 128, 512

@@ -28,12 +28,12 @@ from esa_core.controls import WeightIndex, control_set, overlap
 from esa_core.errors import PluginFailure
 from esa_core.evaluation import Evaluation, evaluate
 from esa_core.guards import plugin_call
+from esa_core.layout import CONTROL_ANALYSIS, PERTURBATION_RESULTS, SUPER
 from esa_core.results import write_json
 from esa_core.selection import Selection
 
 log = logging.getLogger(__name__)
 
-SUPER = "super_weights"
 SEPARATION = 3.0  # the guide: super-weight perturbations cause >= 3x the impact of random ones
 Z_ABOVE_NOISE = 3.0  # super effect at least 3 standard deviations above the random controls
 CONTROL_SHORT = {"random_k": "random", "bottom_k": "bottom", "magnitude_k": "magnitude"}
@@ -324,9 +324,9 @@ def run_stage(study: Study, controls: Sequence[str], control_repeats: int,
               out_dir: Path) -> list[dict]:
     """The pipeline's evaluation stage: run the study, write its files, return the criteria."""
     results = study.run(controls, control_repeats)
-    write_json(out_dir / "perturbation_results.json", results)
+    write_json(out_dir / PERTURBATION_RESULTS, results)
     analysis = analyse(results) if controls else None
     rows = phase3_criteria(analysis)
     if analysis is not None:
-        write_json(out_dir / "control_analysis.json", {**analysis, "success_criteria": rows})
+        write_json(out_dir / CONTROL_ANALYSIS, {**analysis, "success_criteria": rows})
     return rows

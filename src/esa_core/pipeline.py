@@ -23,6 +23,7 @@ from esa_core import (
     criteria,
     data,
     distributed,
+    layout,
     loading,
     perturbation,
     plots,
@@ -41,10 +42,10 @@ from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
 from esa_core.guards import out_of_memory_help
+from esa_core.layout import MANIFEST
 from esa_core.plugins import Registry
 from esa_core.plugins import registry as default_registry
 from esa_core.results import (
-    MANIFEST,
     FolderLock,
     prepare_out_dir,
     remove_leftovers,
@@ -210,8 +211,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
             stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed}
-            write_csv(out_dir / "top_weights.csv", csv_rows(selection, params))
-            write_json(out_dir / "sensitivity_stats.json", stats)
+            write_csv(out_dir / layout.TOP_WEIGHTS, csv_rows(selection, params))
+            write_json(out_dir / layout.SENSITIVITY_STATS, stats)
         summary = None
         if config.stability_check:
             with stages.stage("stability"):
@@ -219,7 +220,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                                                   config.topk, config.mode,
                                                   data_free=not metric.needs)
             manifest["stability"] = summary if "skipped" in summary else {
-                "file": "stability_summary.json",
+                "file": layout.STABILITY_SUMMARY,
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
         manifest["success_criteria"] = criteria.phase2(summary, stats)
         if config.perturb:
@@ -233,9 +234,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                     study, config.controls, config.control_repeats, out_dir)
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
-            figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
+            figures = plots.render(layout.RunFiles.read(out_dir)) if distributed.is_main() else None
             if config.save_plots and figures is not None:
-                figures.save(out_dir / "plots")
+                figures.save(out_dir / layout.PLOTS)
     except BaseException as exc:
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
                         error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
@@ -247,7 +248,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
     write_json(out_dir / MANIFEST, manifest)
     if figures is not None:
-        report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
+        report.write(layout.RunFiles.read(out_dir), figures)  # the page shows the final timings
     checkpoints.clear()
     lock.release()
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)

@@ -8,7 +8,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Callable
@@ -22,15 +21,12 @@ from matplotlib import patheffects, rc_context
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from esa_core.errors import EsaError
-from esa_core.results import atomic_write_bytes, read_json
+from esa_core.layout import COMPONENTS, FIGURES, RunFiles
+from esa_core.layout import CONDITION_LABELS as CONDITIONS
+from esa_core.results import atomic_write_bytes
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
              "#000000")
-COMPONENT_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down",
-                   "moe.router", "moe.gate", "moe.up", "moe.down", "embed", "lm_head", "other")
-CONDITIONS = {"super_weights": "super (top-k)", "random_k": "random-k", "bottom_k": "bottom-k",
-              "magnitude_k": "magnitude-k"}
 DPI = 150
 MARKED_RANKS = 10  # the heatmap numbers the cells holding the 10 highest-ranked weights
 STYLE = {
@@ -40,64 +36,6 @@ STYLE = {
     "legend.frameon": False, "image.cmap": "cividis", "savefig.dpi": DPI,
     "svg.hashsalt": "esa", "path.simplify": True,
 }
-FIGURES = ("sensitivity_heatmap.png", "weight_distribution.png", "stability_analysis.png",
-           "perturbation_effects.png")
-
-
-@dataclass
-class RunFiles:
-    """The files of one result folder; those a run did not write are None (or empty)."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    stats: dict[str, Any] | None = None
-    top: list[dict[str, Any]] = field(default_factory=list)
-    stability: dict[str, Any] | None = None
-    perturbation: dict[str, Any] | None = None
-    control: dict[str, Any] | None = None
-
-    @classmethod
-    def read(cls, folder: str | Path) -> RunFiles:
-        folder = Path(folder)
-        if not (folder / "experiment_manifest.json").is_file():
-            raise EsaError(f"{folder} is not an ESA result folder "
-                           "(it has no experiment_manifest.json).")
-
-        def optional(name: str) -> dict[str, Any] | None:
-            path = folder / name
-            return read_json(path) if path.is_file() else None
-
-        return cls(folder, read_json(folder / "experiment_manifest.json"),
-                   optional("sensitivity_stats.json"), read_top_weights(folder),
-                   optional("stability_summary.json"), optional("perturbation_results.json"),
-                   optional("control_analysis.json"))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.manifest.get("config", {})
-
-    def title(self) -> str:
-        """`model · metric · top-k`, the first line of every figure."""
-        model = self.manifest.get("model", {}).get("id", "model")
-        k = self.config.get("topk", "?")
-        per = " per matrix" if self.config.get("mode") == "per_layer" else " overall"
-        return f"{model} · {self.config.get('metric', 'metric')} · top-{k}{per}"
-
-
-def read_top_weights(folder: Path) -> list[dict[str, Any]]:
-    """top_weights.csv as typed rows (layer/expert None where empty)."""
-    path = folder / "top_weights.csv"
-    if not path.is_file():
-        return []
-
-    def maybe_int(text: str) -> int | None:
-        return int(text) if text != "" else None
-
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{**row, "rank": int(row["rank"]), "layer": maybe_int(row["layer"]),
-                 "expert": maybe_int(row["expert"]), "row": int(row["row"]),
-                 "col": int(row["col"]), "score": float(row["score"]),
-                 "weight": float(row["weight"])} for row in csv.DictReader(f)]
 
 
 @dataclass
@@ -117,12 +55,8 @@ class Figures:
 
 def render(run: RunFiles) -> Figures:
     """Every figure the folder's files allow; the rest skipped with a reason."""
-    makers: dict[str, Callable[[RunFiles], Figure | str]] = {
-        "sensitivity_heatmap.png": sensitivity_heatmap,
-        "weight_distribution.png": weight_distribution,
-        "stability_analysis.png": stability_analysis,
-        "perturbation_effects.png": perturbation_effects,
-    }
+    makers: dict[str, Callable[[RunFiles], Figure | str]] = dict(zip(FIGURES, (
+        sensitivity_heatmap, weight_distribution, stability_analysis, perturbation_effects)))
     figures = Figures()
     with rc_context(STYLE):
         for name, make in makers.items():
@@ -145,8 +79,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def _row_key(component: str, expert: int | None) -> tuple:
-    order = COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(
-        COMPONENT_ORDER)
+    order = COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
     return order, component, -1 if expert is None else expert
 
 

@@ -12,21 +12,22 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from esa_core.plots import FIGURES, Figures, RunFiles, render
+from esa_core.layout import FIGURES, PLOTS, REPORT, RunFiles
+from esa_core.plots import Figures, render
 from esa_core.results import atomic_write_text
 
 TOP_ROWS = 20
-CAPTIONS = {
-    "sensitivity_heatmap.png": "Where the sensitive weights are: per-matrix maximum score and "
-                               "mean score of the selected weights, by layer and component.",
-    "weight_distribution.png": "Score distribution (complementary CDF, log-log) with the top-k "
+CAPTIONS = dict(zip(FIGURES, (
+    "Where the sensitive weights are: per-matrix maximum score and "
+    "mean score of the selected weights, by layer and component.",
+    "Score distribution (complementary CDF, log-log) with the top-k "
                                "cut and the fitted tail index; |w| of the selected weights "
                                "versus all scored weights.",
-    "stability_analysis.png": "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
+    "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
                               "overlap as k grows.",
-    "perturbation_effects.png": "Damage done by perturbing the top-k weights versus the control "
+    "Damage done by perturbing the top-k weights versus the control "
                                 "sets: perplexity change and accuracy drop, every seed shown.",
-}
+)))
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
 max-width:1150px;margin:24px auto;padding:0 16px}
@@ -46,12 +47,12 @@ def build(folder: str | Path, save_plots: bool = True) -> Path:
     run = RunFiles.read(folder)
     figures = render(run)
     if save_plots:
-        figures.save(run.folder / "plots")
+        figures.save(run.folder / PLOTS)
     return write(run, figures)
 
 
 def write(run: RunFiles, figures: Figures) -> Path:
-    path = run.folder / "report.html"
+    path = run.folder / REPORT
     atomic_write_text(path, page(run, figures))
     return path
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from esa_core.api import LogicalMatrix, ScoredParam
+from esa_core.layout import STABILITY_SUMMARY
 from esa_core.results import write_json
 from esa_core.selection import Picks, select
 
@@ -214,5 +215,5 @@ def write_summary(out_dir: Path, tops: Mapping[int, SeedTop], seeds: Sequence[in
     summary = summarize(tops, k, mode)
     if data_free:
         summary["data_free_note"] = DATA_FREE_NOTE
-    write_json(out_dir / "stability_summary.json", summary)
+    write_json(out_dir / STABILITY_SUMMARY, summary)
     return summary
