@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from esa_core.api import LogicalMatrix
+from esa_core.layout import read_json
 from esa_core.pipeline import csv_rows
-from esa_core.results import read_json, write_csv, write_json
+from esa_core.results import write_csv, write_json
 from esa_core.selection import select
 from esa_core.stats import sensitivity_stats
 
@@ -186,7 +187,7 @@ def write_ablation(folder: Path, ratios=(7.8, 2.6, 1.3, 1.01, 0.99)) -> None:
     """ablation.csv and the manifest's `ablation` entry for the top weights' removal."""
     from esa_core.ablation import columns
     from esa_core.api import DIFFERENCE, RELATIVE, Measure
-    from esa_core.plots import read_top_weights
+    from esa_core.layout import read_top_weights
 
     measures = [Measure("ppl", "ppl_change", False, RELATIVE),
                 Measure("accuracy", "accuracy_drop", True, DIFFERENCE)]

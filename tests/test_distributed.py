@@ -13,7 +13,7 @@ import tiny
 import torch
 
 from esa_core import distributed, pipeline
-from esa_core.results import read_json
+from esa_core.layout import read_json
 
 ARGS = ["--save-plots", "--max-samples", "5", "--seq-len", "32", "--topk", "8", "--mode", "global",
         "--device", "cpu", "--eval-samples", "2"]

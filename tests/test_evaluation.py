@@ -149,7 +149,7 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
                                  generator_for(0, name))
     study = Study(model, params, matrices, scores, top, [Perplexity()],
                   EvalData(tokens.eval_blocks, tokenizer, 2),
-                  registry.get("perturbation", "sign_flip")(), 1.0, 0.0, 100, "per_layer",
+                  registry.get("perturbation", "sign_flip")(), 100, "per_layer",
                   seeds=[0])
     baseline = study.evaluate("baseline")
     for name in ("sign_flip", "zero"):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from esa_core import pipeline
 from esa_core.api import GRAD, Metric
 from esa_core.cli import app
-from esa_core.engine import PluginFailure, ScoringRun
+from esa_core.engine import ScoringRun
+from esa_core.errors import PluginFailure
 from esa_core.guards import Terminated, terminate_as_interrupt
 from esa_core.plugins import PluginInfo, Registry
 from esa_core.results import FolderLock

@@ -14,8 +14,8 @@ from esa_core.selection import Selection, select
 # ----------------------------------------------------------------------------- the rules
 
 
-def rule(registry, name: str) -> Perturbation:
-    return registry.get("perturbation", name)()
+def rule(registry, name: str, **options) -> Perturbation:
+    return registry.get("perturbation", name)(**options)
 
 
 def test_all_four_are_registered_with_their_rule_in_the_help(registry):
@@ -27,13 +27,13 @@ def test_all_four_are_registered_with_their_rule_in_the_help(registry):
 @pytest.mark.parametrize("scale", [1.0, 0.5, 3.0])
 def test_sign_flip_is_minus_scale_times_w(registry, scale):
     values = torch.tensor([0.5, -1.25, 3.0, 0.0])
-    new, _ = rule(registry, "sign_flip").perturb(values, values, torch.Generator(), scale, 0.0)
+    new, _ = rule(registry, "sign_flip", scale=scale).perturb(values, values, torch.Generator())
     assert new.tolist() == [-scale * v for v in values.tolist()]
 
 
 def test_zero_is_zero(registry):
     values = torch.tensor([0.5, -1.25, 3.0], dtype=torch.bfloat16)
-    new, _ = rule(registry, "zero").perturb(values, values, torch.Generator(), 1.0, 0.0)
+    new, _ = rule(registry, "zero").perturb(values, values, torch.Generator())
     assert new.dtype == torch.bfloat16 and new.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -41,8 +41,8 @@ def test_gauss_noise_sigma_is_scale_times_the_matrix_std(registry):
     matrix = torch.randn(64, 80, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.1
     values = matrix.reshape(-1)[:4000].clone()
     sigma = 0.02 * float(matrix.double().numpy().std())  # numpy: population std
-    new, _ = rule(registry, "gauss_noise").perturb(
-        values, matrix, torch.Generator().manual_seed(7), 0.02, 0.0)
+    new, _ = rule(registry, "gauss_noise", scale=0.02).perturb(
+        values, matrix, torch.Generator().manual_seed(7))
     noise = torch.randn(4000, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(new, values + noise * sigma, rtol=0, atol=1e-7)
     assert abs(float((new - values).std()) / sigma - 1) < 0.05
@@ -77,8 +77,8 @@ def test_stored_words_agree_with_the_ieee_encoding():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bit_flip_accounting_matches_a_bit_by_bit_count(registry, dtype):
     values = (torch.randn(3000, generator=torch.Generator().manual_seed(2)) * 0.05).to(dtype)
-    new, facts = rule(registry, "bit_flip").perturb(
-        values, values, torch.Generator().manual_seed(11), 1.0, 0.05)
+    new, facts = rule(registry, "bit_flip", prob=0.05).perturb(
+        values, values, torch.Generator().manual_seed(11))
     counts = {"sign_bits": 0, "exponent_bits": 0, "mantissa_bits": 0}
     changed = nonfinite = 0
     for before, after in zip(stored_words(values), stored_words(new)):
@@ -99,11 +99,11 @@ def test_bit_flip_accounting_matches_a_bit_by_bit_count(registry, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bit_flip_with_prob_one_inverts_every_bit_and_zero_none(registry, dtype):
     values = torch.tensor([0.5, -1.25, 3.0e-3], dtype=dtype)
-    flip = rule(registry, "bit_flip")
-    same, facts = flip.perturb(values, values, torch.Generator(), 1.0, 0.0)
+    same, facts = rule(registry, "bit_flip", prob=0.0).perturb(values, values, torch.Generator())
     assert torch.equal(same, values) and facts["bits_flipped"] == 0
     ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
-    inverted, facts = flip.perturb(values, values, torch.Generator(), 1.0, 1.0)
+    inverted, facts = rule(registry, "bit_flip", prob=1.0).perturb(values, values,
+                                                                   torch.Generator())
     assert torch.equal(inverted.view(ints), ~values.view(ints))
     assert facts["sign_bits"] == 3 and facts["bits_flipped"] == 3 * torch.finfo(dtype).bits
 
@@ -132,8 +132,8 @@ def test_perturbed_changes_only_the_selection_and_restores_bit_exactly(registry,
     mask = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in params.items()}
     for picks in chosen.picks:
         mask[picks.matrix.param].view(-1)[picks.flat(params[picks.matrix.param].shape)] = True
-    with perturbed(chosen, params, rule(registry, name), generator_for(5, "perturb"), 1.0,
-                   0.3):
+    options = {"bit_flip": {"prob": 0.3}}.get(name, {})
+    with perturbed(chosen, params, rule(registry, name, **options), generator_for(5, "perturb")):
         for n, p in params.items():
             assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]])
         changed = sum(int((p.detach() != before[n]).sum()) for n, p in params.items())
@@ -151,13 +151,13 @@ def test_a_rule_that_writes_outside_its_selection_is_caught(model_parts):
     class Rogue(Perturbation):
         name = "rogue"
 
-        def perturb(self, values, matrix, generator, scale, prob):
+        def perturb(self, values, matrix, generator):
             matrix.view(-1)[-1] += 1.0  # not one of the selected weights
             return values, {}
 
     chosen = select(scores, matrices, 1, "per_layer")
     with pytest.raises(RestoreError):
-        with perturbed(chosen, params, Rogue(), torch.Generator(), 1.0, 0.0):
+        with perturbed(chosen, params, Rogue(), torch.Generator()):
             pass
 
 
@@ -168,18 +168,17 @@ def test_the_study_checksum_cache_still_catches_a_rogue_rule(registry, model_par
     class Rogue(Perturbation):
         name = "rogue"
 
-        def perturb(self, values, matrix, generator, scale, prob):
+        def perturb(self, values, matrix, generator):
             matrix.view(-1)[-1] += 1.0
             return values, {}
 
     pristine: dict[int, int] = {}
     chosen = select(scores, matrices, 2, "per_layer")
-    with perturbed(chosen, params, rule(registry, "sign_flip"), torch.Generator(), 1.0, 0.0,
-                   pristine):
+    with perturbed(chosen, params, rule(registry, "sign_flip"), torch.Generator(), pristine):
         pass
     assert set(pristine) == {id(p) for p in params.values()}
     with pytest.raises(RestoreError):
-        with perturbed(chosen, params, Rogue(), torch.Generator(), 1.0, 0.0, pristine):
+        with perturbed(chosen, params, Rogue(), torch.Generator(), pristine):
             pass
 
 

@@ -10,16 +10,15 @@ import result_folders
 import torch
 
 from esa_core.api import LogicalMatrix
+from esa_core.layout import FIGURES, RunFiles, read_json
 from esa_core.plots import (
-    FIGURES,
-    RunFiles,
     heatmap_grid,
     jaccard_matrix,
     perturbation_effects,
     render,
     sensitivity_heatmap,
 )
-from esa_core.results import read_json, write_json
+from esa_core.results import write_json
 from esa_core.stats import hill_tail_index, sensitivity_stats, weight_histogram
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

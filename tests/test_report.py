@@ -4,14 +4,14 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from esa_core import loading, pipeline, report
 from esa_core.cli import app
-from esa_core.plots import FIGURES
-from esa_core.results import read_json
+from esa_core.layout import FIGURES, read_json
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -87,3 +87,10 @@ def test_report_renders_in_headless_chromium(full_result, tmp_path):
     image = matplotlib.image.imread(shot)
     assert image.shape[:2] == (2000, 1280)
     assert image[..., :3].std() > 0.05  # text and tables, not a blank page
+
+
+def test_the_layout_reads_a_result_folder_without_torch():
+    """Plots, report and compare read folders through esa_core.layout, which needs no torch."""
+    code = ("import sys, esa_core.layout as layout; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,12 +19,12 @@ from torch import nn
 
 from esa_core.analysis import damage
 from esa_core.api import RELATIVE, EvalData, Evaluator, Measure, Perturbation
+from esa_core.layout import ABLATION, CSV_COLUMNS
 from esa_core.perturbation import Study, changes, generator_for, perturbed
-from esa_core.results import CSV_COLUMNS, write_csv
+from esa_core.results import write_csv
 from esa_core.selection import Picks, Selection
 
 ZERO = "zero"  # the rule that removes a weight
-FILE = "ablation.csv"
 
 
 def columns(measures: Sequence[Measure]) -> list[str]:
@@ -87,14 +87,14 @@ def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]
     rows.sort(key=lambda r: (-r["_damage"], r["score_rank"]))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
-    write_csv(out_dir / FILE, [{k: _text(v) for k, v in r.items()} for r in rows],
+    write_csv(out_dir / ABLATION, [{k: _text(v) for k, v in r.items()} for r in rows],
               columns(measures))
     return summary(rows, primary, baseline, critical_ratio, len(study.eval_data.blocks))
 
 
 def _remove(study: Study, selection: Selection) -> dict[str, Any]:
-    with perturbed(selection, study.params, study.perturbation, generator_for(0, ZERO), 0.0,
-                   0.0, study.pristine_checksums):
+    with perturbed(selection, study.params, study.perturbation, generator_for(0, ZERO),
+                   study.pristine_checksums):
         return study.evaluate("ablating")
 
 
@@ -113,7 +113,7 @@ def summary(rows: list[dict[str, Any]], primary: Measure, baseline: Mapping[str,
     effects = [min(r["_damage"], 1e300) for r in rows]  # a broken model ranks highest
     rho = stats.spearmanr(scores, effects) if len(rows) > 2 else None
     return {
-        "file": FILE, "candidates": len(rows), "eval_blocks": blocks,
+        "file": ABLATION, "candidates": len(rows), "eval_blocks": blocks,
         "measure": primary.name, "baseline": {primary.name: baseline[primary.name]},
         "critical_ratio": critical_ratio, "critical_weights": critical,
         "spearman_score_vs_effect": None if rho is None else float(rho.statistic),
@@ -127,6 +127,6 @@ def make_study(model: nn.Module, params: Mapping[str, nn.Parameter],
     """A Study that only serves single-weight removals on `n_blocks` of the held-out blocks."""
     small = EvalData(ablation_blocks(data.blocks, n_blocks), data.tokenizer, data.batch_size)
     return Study(model=model, params=params, matrices=[], scores={}, super_set=Selection([]),
-                 evaluators=evaluators, eval_data=small, perturbation=zero, scale=0.0, prob=0.0,
+                 evaluators=evaluators, eval_data=small, perturbation=zero,
                  topk=0, mode="global", seeds=[], checkpoints=checkpoints)
 

@@ -19,13 +19,8 @@ import torch
 from torch import nn
 
 from esa_core.errors import EsaError, unknown_choice
+from esa_core.layout import COMPONENTS
 
-COMPONENTS = (
-    "attn.q", "attn.k", "attn.v", "attn.o",
-    "mlp.gate", "mlp.up", "mlp.down",
-    "moe.router", "moe.gate", "moe.up", "moe.down",
-    "embed", "lm_head", "other",
-)
 NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
 
 
@@ -34,13 +29,14 @@ NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
 
 @dataclass(frozen=True)
 class Option:
-    """One plugin option, set with `--metric-arg name=value`."""
+    """One plugin option, set with `--metric-arg name=value` (or `--perturb-arg`)."""
 
     name: str
     type: type
     default: Any
     help: str = ""
     choices: tuple[Any, ...] | None = None
+    bounds: tuple[float, float] | None = None  # inclusive range of a numeric option
 
     def parse(self, owner: str, raw: Any) -> Any:
         try:
@@ -52,6 +48,10 @@ class Option:
         if self.choices is not None and value not in self.choices:
             choices = ", ".join(map(str, self.choices))
             raise EsaError(f"{owner} option '{self.name}' must be one of: {choices}.")
+        if self.bounds is not None and not self.bounds[0] <= value <= self.bounds[1]:
+            low, high = self.bounds
+            raise EsaError(f"{owner} option '{self.name}' must lie in [{low:g}, {high:g}]; "
+                           f"got {value}.")
         return value
 
 
@@ -156,15 +156,13 @@ class Perturbation(Configurable):
     The engine gathers the selected coordinates of one matrix, calls `perturb` with their current
     values, writes the result back, evaluates, and restores the saved originals bit-exactly.
     The docstring's first line is the help `esa list-plugins` shows: state the rule there.
+    Its strength is an option (`options`, read from `self.settings`), set with
+    `--perturb-arg name=value`; `--perturb-scale` and `--perturb-prob` set the options
+    named `scale` and `prob`.
     """
 
     def perturb(
-        self,
-        values: torch.Tensor,
-        matrix: torch.Tensor,
-        generator: torch.Generator,
-        scale: float,
-        prob: float,
+        self, values: torch.Tensor, matrix: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """New values for `values` (same shape and dtype) and facts worth recording.
 
@@ -172,9 +170,8 @@ class Perturbation(Configurable):
         was loaded in, on its device). `matrix` is that whole matrix, e.g. for its standard
         deviation: read it, never write it (the engine checksums the touched parameters).
         `generator` is a CPU generator seeded from the run's seed: draw on it and move the
-        draws to `values.device`, so a seed perturbs the same way on any device. `scale` is
-        --perturb-scale, `prob` is --perturb-prob. `facts` maps names to counts (e.g. bits
-        flipped); the engine sums them over the matrices of a condition.
+        draws to `values.device`, so a seed perturbs the same way on any device. `facts` maps
+        names to counts (e.g. bits flipped); the engine sums them over a condition's matrices.
         """
         raise NotImplementedError
 

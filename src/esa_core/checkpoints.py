@@ -28,7 +28,8 @@ import torch
 from esa_core import distributed
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError
-from esa_core.results import MANIFEST, atomic_path, read_json, restore_nonfinite, write_json
+from esa_core.layout import MANIFEST, read_json
+from esa_core.results import atomic_path, restore_nonfinite, write_json
 from esa_core.selection import Picks, Selection
 
 log = logging.getLogger(__name__)

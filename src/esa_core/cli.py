@@ -104,9 +104,19 @@ def run_command(
     perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
                                           "gauss_noise, bit_flip, zero, ...; several, "
                                           "comma-separated, are each tested (robustness)."),
-    perturb_scale: float = typer.Option(1.0, help="sign_flip: w <- -scale*w; gauss_noise: "
-                                        "sigma = scale x std of the weight's own matrix."),
-    perturb_prob: float = typer.Option(0.05, help="Per-bit flip probability of bit_flip."),
+    perturb_scale: float | None = typer.Option(
+        None, help="The perturbation's `scale` option. sign_flip: w <- -scale*w (default 1); "
+        "gauss_noise: sigma = scale x std of the weight's own matrix (default 1)."),
+    perturb_prob: float | None = typer.Option(
+        None, help="The perturbation's `prob` option: bit_flip's per-bit flip probability "
+        "(default 0.05)."),
+    perturb_arg: list[str] | None = typer.Option(
+        None, help="Perturbation option key=value (repeatable; see `esa list-plugins`)."),
+    eval_task: str | None = typer.Option(
+        None, help="lm_eval evaluator: harness tasks, e.g. arc_easy,hellaswag, or a local "
+        "task's YAML file (needs esa-toolkit[tasks])."),
+    eval_limit: int | None = typer.Option(
+        None, help="lm_eval evaluator: at most N items per task, for a quick run."),
     controls: str | None = typer.Option(None, help="Control sets: random_k,bottom_k,magnitude_k."),
     control_repeats: int = typer.Option(0, help="Extra random_k draws for the significance test "
                                         "(p-value resolution 1/(seeds+N+1))."),
@@ -163,7 +173,10 @@ def run_command(
                 model=model, metric=metric, mode=mode, topk=topk, max_samples=max_samples,
                 seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
                 verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
-                perturb_prob=perturb_prob, controls=parse_list(controls),
+                perturb_prob=perturb_prob,
+                perturb_args=parse_metric_args(perturb_arg, "--perturb-arg"),
+                eval_tasks=parse_list(eval_task), eval_limit=eval_limit,
+                controls=parse_list(controls),
                 control_repeats=control_repeats, dataset=dataset,
                 seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
                 eval_samples=eval_samples, overwrite=overwrite, resume=resume,
@@ -247,7 +260,7 @@ def compare_command(
 def list_plugins(
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ) -> None:
-    """Show every metric, perturbation and model adapter, with the distribution it came from."""
+    """Show every metric, perturbation, evaluator and model adapter, and where it came from."""
     _setup_logging(False)
     from esa_core.plugins import registry
 

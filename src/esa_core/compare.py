@@ -21,13 +21,10 @@ import numpy as np
 
 from esa_core import criteria
 from esa_core.errors import EsaError
-from esa_core.results import atomic_write_bytes, prepare_out_dir, read_json, write_json
+from esa_core.layout import COMPARISON, COMPARISON_HEATMAP, MANIFEST, TOP_WEIGHTS, read_json
+from esa_core.results import atomic_write_bytes, prepare_out_dir, write_json
 from esa_core.stability import JACCARD_NOTE, jaccard, rank_correlation
 
-MANIFEST = "experiment_manifest.json"
-TOP_WEIGHTS = "top_weights.csv"
-HEATMAP = "comparison_heatmap.png"
-CONSISTENCY_MIN = 0.3  # the guide's Jaccard threshold, applied across runs
 SAME_MODEL_KEYS = ("id", "n_params")
 
 
@@ -186,6 +183,6 @@ def write_comparison(folders: list[Path], out_dir: Path, overwrite: bool) -> dic
     """Compare the folders and write comparison.json and the heatmap into `out_dir`."""
     result = compare(folders)
     out_dir = prepare_out_dir(Path(out_dir), overwrite)
-    write_json(out_dir / "comparison.json", result)
-    atomic_write_bytes(out_dir / HEATMAP, heatmap_png(result))
+    write_json(out_dir / COMPARISON, result)
+    atomic_write_bytes(out_dir / COMPARISON_HEATMAP, heatmap_png(result))
     return result

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from esa_core.errors import EsaError, unknown_choice
+from esa_core.layout import CONTROLS
 from esa_core.plugins import Registry
 from esa_core.selection import MODES
 
@@ -15,7 +16,6 @@ DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 ACCUM_DTYPES = ("fp32", "bf16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-CONTROLS = ("random_k", "bottom_k", "magnitude_k")
 
 # Defaults for the embedded model on a CPU: small enough to finish in well under two minutes.
 CPU_SEQ_LEN, GPU_SEQ_LEN = 128, 512
@@ -57,7 +57,9 @@ def parse_list(text: str | list[str] | None) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_metric_args(pairs: list[str] | dict[str, Any] | None) -> dict[str, str]:
+def parse_metric_args(pairs: list[str] | dict[str, Any] | None,
+                      flag: str = "--metric-arg") -> dict[str, str]:
+    """Repeated `key=value` flags (--metric-arg, --perturb-arg) as a dict."""
     if not pairs:
         return {}
     if isinstance(pairs, dict):
@@ -66,7 +68,7 @@ def parse_metric_args(pairs: list[str] | dict[str, Any] | None) -> dict[str, str
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise EsaError(f"--metric-arg must look like key=value; got '{pair}'.")
+            raise EsaError(f"{flag} must look like key=value; got '{pair}'.")
         out[key.strip()] = value.strip()
     return out
 
@@ -87,8 +89,13 @@ class RunConfig:
     verbose: bool = False
     out_dir: str | None = None
     perturb: str | None = None  # one type or several, comma-separated
-    perturb_scale: float = 1.0
-    perturb_prob: float = 0.05
+    #: the guide's spellings of the perturbation options `scale` and `prob`; None: its default
+    perturb_scale: float | None = None
+    perturb_prob: float | None = None
+    perturb_args: dict[str, str] = field(default_factory=dict)
+    #: the lm_eval evaluator's options `tasks` and `limit`
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
     controls: list[str] = field(default_factory=list)
     control_repeats: int = 0
     dataset: str = "wikitext2"
@@ -137,15 +144,17 @@ class RunConfig:
         if self.seq_len is not None and self.seq_len < 2:
             raise EsaError("--seq-len must be at least 2 (one token predicts the next).")
         self.seeds = parse_seeds(self.seeds)
-        if not 0.0 <= self.perturb_prob <= 1.0:
+        if self.perturb_prob is not None and not 0.0 <= self.perturb_prob <= 1.0:
             raise EsaError(f"--perturb-prob must lie in [0, 1]; got {self.perturb_prob}.")
         if self.adapter is not None:
             registry.get("model adapter", self.adapter)
         if self.perturb is not None:
             if not self.perturb_types():
                 raise EsaError("--perturb needs at least one perturbation name.")
-            for name in self.perturb_types():
-                registry.get("perturbation", name)
+            self._check_perturbation_options(
+                [registry.get("perturbation", name) for name in self.perturb_types()])
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise EsaError(f"--eval-limit must be a positive integer; got {self.eval_limit}.")
         self.evaluator = parse_list(self.evaluator)
         if not self.evaluator:
             raise EsaError("--evaluator needs at least one evaluator name.")
@@ -181,6 +190,33 @@ class RunConfig:
     def perturb_types(self) -> list[str]:
         """--perturb as a list of perturbation names (empty without --perturb)."""
         return parse_list(self.perturb)
+
+    def _perturb_args(self) -> dict[str, Any]:
+        """--perturb-arg, with --perturb-scale and --perturb-prob as `scale=` and `prob=`."""
+        guide = {"scale": self.perturb_scale, "prob": self.perturb_prob}
+        return {**{k: v for k, v in guide.items() if v is not None}, **self.perturb_args}
+
+    def perturbation_options(self, cls: type) -> dict[str, Any]:
+        """The perturbation options given that `cls` declares (with several --perturb types,
+        `--perturb-scale` goes to those that have a scale)."""
+        declared = {o.name for o in cls.options}
+        return {k: v for k, v in self._perturb_args().items() if k in declared}
+
+    def _check_perturbation_options(self, classes: list[type]) -> None:
+        """Every option given is declared by some --perturb type; building each checks values."""
+        for cls in classes:
+            cls(**self.perturbation_options(cls))
+        declared = sorted({o.name for cls in classes for o in cls.options})
+        unknown = sorted(set(self._perturb_args()) - set(declared))
+        if unknown:
+            raise EsaError(f"{', '.join(c.name for c in classes)} has no option "
+                           f"'{unknown[0]}'. Valid options: {', '.join(declared) or 'none'}.")
+
+    def evaluator_options(self, cls: type) -> dict[str, Any]:
+        """--eval-task and --eval-limit as `tasks=` and `limit=`, for an evaluator with them."""
+        given = {"tasks": ",".join(self.eval_tasks) or None, "limit": self.eval_limit}
+        declared = {o.name for o in getattr(cls, "options", ())}
+        return {k: v for k, v in given.items() if v is not None and k in declared}
 
     def resolved(self, device_type: str) -> RunConfig:
         """Fill the defaults that depend on the device (shorter, fewer blocks on a CPU)."""

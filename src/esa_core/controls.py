@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from esa_core.api import LogicalMatrix
-from esa_core.config import CONTROLS
 from esa_core.errors import EsaError, unknown_choice
+from esa_core.layout import CONTROLS
 from esa_core.selection import Picks, Selection, select
 
 # Most random integers one rejection round draws (keeps a round's memory small on any model).

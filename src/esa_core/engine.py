@@ -18,8 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from esa_core import distributed, progress
 from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
 from esa_core.checkpointing import checkpointed
-from esa_core.errors import EsaError
-from esa_core.guards import OUT_OF_MEMORY
+from esa_core.errors import EsaError, PluginFailure
+from esa_core.guards import plugin_call
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,8 @@ def only_scored_require_grad(model: nn.Module, scored: list[ScoredParam]) -> Ite
             p.requires_grad_(flag)
 
 
-class PluginFailure(EsaError):
-    """A plugin raised inside a hook: name it instead of surfacing a torch traceback."""
-
-
 def _call(metric: Metric, what: str, fn, *args):
-    try:
-        return fn(*args)
-    except (EsaError, OUT_OF_MEMORY):
-        raise  # already explained; out of memory is the run's size, not the plugin's fault
-    except Exception as exc:
-        raise PluginFailure(
-            f"metric '{metric.name}' failed in {what}: {type(exc).__name__}: {exc}"
-        ) from exc
+    return plugin_call(f"metric '{metric.name}' failed in {what}", fn, *args)
 
 
 def _view(tensor: torch.Tensor, expert: int | None) -> torch.Tensor:

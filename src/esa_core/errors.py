@@ -13,6 +13,10 @@ class EsaError(Exception):
     request, a full disk."""
 
 
+class PluginFailure(EsaError):
+    """A plugin (metric, perturbation, evaluator) raised: name it instead of a traceback."""
+
+
 def closest(value: str, choices: Iterable[str]) -> str | None:
     """The choice a user most likely meant: `activation_magnitude` -> `act_mag`."""
     choices = list(choices)

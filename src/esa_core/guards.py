@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, PluginFailure
 
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 MEMORY_FLAGS = ("a smaller --batch-size, fewer --max-samples, --gradient-checkpointing, "
@@ -54,3 +54,16 @@ def out_of_memory_help(stage: str) -> Iterator[None]:
     except OUT_OF_MEMORY as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise EsaError(f"out of memory during {stage} ({first}). Try {MEMORY_FLAGS}.") from exc
+
+
+def plugin_call(failed: str, fn, *args, **kwargs):
+    """`fn(*args)`, a plugin's code, whose crash becomes one line: `failed` and the cause.
+
+    An EsaError is already explained; out of memory is the run's size, not the plugin's fault.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (EsaError, OUT_OF_MEMORY):
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{failed}: {type(exc).__name__}: {exc}") from exc

@@ -13,7 +13,7 @@ and in that module::
     def register_metrics(register):
         register(MyMetric)
 
-The built-in metrics, perturbations and model adapters are registered this way too.
+The built-in metrics, perturbations, model adapters and evaluators are registered this way too.
 """
 
 from __future__ import annotations
@@ -28,22 +28,48 @@ hookimpl = pluggy.HookimplMarker("esa")
 
 @hookspec
 def register_metrics(register: Callable[[type], None]) -> None:
-    """Register sensitivity metrics: `register(cls)` for each subclass of `esa_core.api.Metric`.
+    """Register sensitivity metrics.
 
-    Called once, when ESA first needs the plugin registry.
+    Called once per process, when ESA first needs its plugin registry (a run, `esa
+    list-plugins`), after every `esa` entry point has been imported.
+
+    :param register: call `register(cls)` with each class, a subclass of
+        `esa_core.api.Metric` with a unique `name`; a class that is not, or that declares
+        unknown `needs` (or both grad and hvp), is refused and listed as a broken plugin.
+    :return: nothing; what counts is the classes passed to `register`.
     """
 
 
 @hookspec
 def register_perturbations(register: Callable[[type], None]) -> None:
-    """Register perturbations: `register(cls)` for each subclass of `esa_core.api.Perturbation`."""
+    """Register perturbations (the rules `--perturb` chooses from).
+
+    Called once per process, with the other registration hooks.
+
+    :param register: call `register(cls)` with each subclass of `esa_core.api.Perturbation`;
+        its `options` are set with `--perturb-arg key=value`.
+    :return: nothing.
+    """
 
 
 @hookspec
 def register_model_adapters(register: Callable[[type], None]) -> None:
-    """Register model adapters: `register(cls)` for each subclass of `esa_core.api.ModelAdapter`."""
+    """Register model adapters, which map a model family's parameters to components.
+
+    Called once per process, with the other registration hooks. A run picks the adapter whose
+    `model_types` holds the model's `config.model_type`, or the one named by `--adapter`.
+
+    :param register: call `register(cls)` with each subclass of `esa_core.api.ModelAdapter`.
+    :return: nothing.
+    """
 
 
 @hookspec
 def register_evaluators(register: Callable[[type], None]) -> None:
-    """Register evaluators: `register(cls)` for each subclass of `esa_core.api.Evaluator`."""
+    """Register evaluators, which measure the model before and under each perturbation.
+
+    Called once per process, with the other registration hooks. `--evaluator` picks them.
+
+    :param register: call `register(cls)` with each subclass of `esa_core.api.Evaluator`.
+    :return: nothing.
+    """

@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from esa_core import analysis
-from esa_core.analysis import SUPER
 from esa_core.api import EvalData, Evaluator, LogicalMatrix, Measure, Perturbation, ScoredParam
 from esa_core.checkpoints import Checkpoints
-from esa_core.config import RunConfig
 from esa_core.controls import WeightIndex, control_set, overlap
-from esa_core.errors import EsaError
-from esa_core.plugins import Registry
+from esa_core.errors import PluginFailure
+from esa_core.guards import plugin_call
+from esa_core.layout import CONTROL_ANALYSIS, PERTURBATION_RESULTS, SUPER
 from esa_core.results import write_json
 from esa_core.selection import Selection
 
@@ -56,8 +55,8 @@ def _flat(param: nn.Parameter) -> torch.Tensor:
 
 @contextmanager
 def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
-              perturbation: Perturbation, generator: torch.Generator, scale: float,
-              prob: float, pristine: dict[int, int] | None = None) -> Iterator[dict[str, int]]:
+              perturbation: Perturbation, generator: torch.Generator,
+              pristine: dict[int, int] | None = None) -> Iterator[dict[str, int]]:
     """Perturb `selection` in place for the `with` body; yield the summed facts; restore exactly.
 
     Only the selected values are saved. Raises RestoreError if the touched parameters' checksum
@@ -78,10 +77,11 @@ def perturbed(selection: Selection, params: Mapping[str, nn.Parameter],
     facts: dict[str, int] = {}
     try:
         for matrix, param, index, original in touched:
-            new, found = perturbation.perturb(original.clone(), matrix.view(param.detach()),
-                                              generator, scale, prob)
+            new, found = plugin_call(f"perturbation '{perturbation.name}' failed",
+                                     perturbation.perturb, original.clone(),
+                                     matrix.view(param.detach()), generator)
             if new.shape != original.shape or new.dtype != original.dtype:
-                raise RuntimeError(
+                raise PluginFailure(
                     f"perturbation '{perturbation.name}' returned {new.dtype} {tuple(new.shape)}"
                     f" for {original.dtype} {tuple(original.shape)}")
             _flat(param)[index] = new.to(param.device)
@@ -112,7 +112,12 @@ def evaluate_all(evaluators: Sequence[Evaluator], model: nn.Module, data: EvalDa
     """One model state measured by every evaluator, as one flat dict."""
     result: dict[str, Any] = {}
     for evaluator in evaluators:
-        result.update(evaluator.evaluate(model, data, label))
+        result.update(plugin_call(f"evaluator '{evaluator.name}' failed", evaluator.evaluate,
+                                  model, data, label))
+    missing = [m.name for m in measures_of(evaluators) if m.name not in result]
+    if missing:
+        raise PluginFailure(f"evaluator(s) {', '.join(e.name for e in evaluators)} declared "
+                            f"the measure '{missing[0]}' but did not return it.")
     return result
 
 
@@ -138,8 +143,6 @@ class Study:
     evaluators: Sequence[Evaluator]
     eval_data: EvalData
     perturbation: Perturbation
-    scale: float
-    prob: float
     topk: int
     mode: str
     seeds: Sequence[int]
@@ -180,8 +183,8 @@ class Study:
     def _trial(self, selection: Selection, seed: int, label: str,
                baseline: dict[str, Any]) -> dict[str, Any]:
         generator = generator_for(seed, "perturb")
-        with perturbed(selection, self.params, self.perturbation, generator, self.scale,
-                       self.prob, self.pristine_checksums) as facts:
+        with perturbed(selection, self.params, self.perturbation, generator,
+                       self.pristine_checksums) as facts:
             result = self.evaluate(f"{label} seed {seed}")
         return {"seed": seed, "n_weights": len(selection), **result,
                 **changes(self.measures, result, baseline), "facts": facts}
@@ -196,8 +199,7 @@ class Study:
         index = WeightIndex(self.matrices, self.params)
         baseline = baseline if baseline is not None else self.baseline()
         results: dict[str, Any] = {
-            "perturbation": {"name": self.perturbation.name, "scale": self.scale,
-                             "prob": self.prob},
+            "perturbation": {"name": self.perturbation.name, **self.perturbation.settings},
             "mode": self.mode, "topk": self.topk, "seeds": list(self.seeds),
             "eval": {"blocks": len(self.eval_data.blocks), "tokens": baseline.get("tokens")},
             "measures": [{"name": m.name, "change_name": m.change_name,
@@ -228,24 +230,21 @@ class Study:
         return results
 
 
-def build_evaluators(config: RunConfig, registry: Registry, model: nn.Module,
-                     data: EvalData) -> list[Evaluator]:
-    """The --evaluator plugins, each prepared once; their measure names must not collide."""
-    evaluators = [registry.get("evaluator", name)() for name in config.evaluator]
-    names = [n for m in measures_of(evaluators) for n in (m.name, m.change_name)]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise EsaError(f"--evaluator {','.join(config.evaluator)}: two measures share the "
-                       f"name '{repeated[0]}'.")
-    for evaluator in evaluators:
-        evaluator.prepare(model, data)
-    return evaluators
+@dataclass(frozen=True)
+class StudySettings:
+    """The run's choices the perturbation stage needs (the stage reads no RunConfig)."""
+
+    topk: int
+    mode: str
+    seeds: Sequence[int]
+    controls: Sequence[str]
+    control_repeats: int = 0
 
 
-def run_stage(config: RunConfig, model: nn.Module, scored: Sequence[ScoredParam],
+def run_stage(model: nn.Module, scored: Sequence[ScoredParam],
               scores: Mapping[str, torch.Tensor], super_set: Selection,
               perturbations: Sequence[Perturbation], evaluators: Sequence[Evaluator],
-              data: EvalData, out_dir: Path,
+              data: EvalData, settings: StudySettings, out_dir: Path,
               checkpoints: Checkpoints | None = None) -> list[dict]:
     """The pipeline's evaluation stage: run the study once per perturbation type against the
     same controls, write its files, return the criteria rows.
@@ -262,14 +261,14 @@ def run_stage(config: RunConfig, model: nn.Module, scored: Sequence[ScoredParam]
             model=model, params={s.name: s.param for s in scored},
             matrices=[m for s in scored for m in s.matrices], scores=scores,
             super_set=super_set, evaluators=evaluators, eval_data=data,
-            perturbation=perturbation, scale=config.perturb_scale, prob=config.perturb_prob,
-            topk=config.topk, mode=config.mode, seeds=config.seeds,
+            perturbation=perturbation, topk=settings.topk, mode=settings.mode,
+            seeds=settings.seeds,
             pristine_checksums=pristine, checkpoints=checkpoints,
             unit_prefix=f"{perturbation.name}_" if several else "")
         baseline = baseline if baseline is not None else study.baseline()
-        sections[perturbation.name] = study.run(config.controls, config.control_repeats,
+        sections[perturbation.name] = study.run(settings.controls, settings.control_repeats,
                                                 baseline)
-        if config.controls:
+        if settings.controls:
             analyses[perturbation.name] = analysis.analyse(sections[perturbation.name],
                                                            study.measures)
     rows = []
@@ -282,7 +281,7 @@ def run_stage(config: RunConfig, model: nn.Module, scored: Sequence[ScoredParam]
         control = {"perturbations": list(sections), "by_perturbation": analyses}
     else:
         results, control = next(iter(sections.values())), next(iter(analyses.values()), None)
-    write_json(out_dir / "perturbation_results.json", results)
-    if config.controls:
-        write_json(out_dir / "control_analysis.json", {**control, "success_criteria": rows})
+    write_json(out_dir / PERTURBATION_RESULTS, results)
+    if settings.controls:
+        write_json(out_dir / CONTROL_ANALYSIS, {**control, "success_criteria": rows})
     return rows

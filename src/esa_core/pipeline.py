@@ -25,6 +25,7 @@ from esa_core import (
     criteria,
     data,
     distributed,
+    layout,
     loading,
     perturbation,
     plots,
@@ -32,7 +33,7 @@ from esa_core import (
     report,
     stability,
 )
-from esa_core.api import EvalData, Metric, ModelAdapter, ScoredParam
+from esa_core.api import EvalData, Evaluator, Metric, ModelAdapter, Perturbation, ScoredParam
 from esa_core.checkpoints import (
     Checkpoints,
     resumable_manifest,
@@ -44,11 +45,11 @@ from esa_core.checkpoints import (
 from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
-from esa_core.guards import out_of_memory_help
+from esa_core.guards import out_of_memory_help, plugin_call
+from esa_core.layout import MANIFEST
 from esa_core.plugins import Registry
 from esa_core.plugins import registry as default_registry
 from esa_core.results import (
-    MANIFEST,
     FolderLock,
     prepare_out_dir,
     remove_leftovers,
@@ -181,6 +182,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         lock.acquire()  # refuse at once, not after loading, if another process writes here
     previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
     metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
+    rules: list[Perturbation] = [
+        cls(**config.perturbation_options(cls))
+        for cls in (registry.get("perturbation", name) for name in config.perturb_types())]
 
     with stages.stage("load"):
         model_config = loading.load_config(source, config.trust_remote_code)
@@ -220,6 +224,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                          device, dtype, registry, started_at)
     manifest["metric"] = {"name": metric.name, "options": metric.settings,
                           "components": sorted({m.component for s in scored for m in s.matrices})}
+    if rules:
+        described = [{"name": rule.name, "options": rule.settings} for rule in rules]
+        manifest["perturbation"] = described[0] if len(described) == 1 else described
     if previous:
         manifest.update(resume_record(previous, started_at))
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
@@ -235,8 +242,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                      **metric.findings(_by_pointer(matrices, params), config.seq_len)}
             top_rows = csv_rows(selection, params)
             stats["hierarchy"] = analysis.hierarchy(top_rows, len(matrices))
-            write_csv(out_dir / "top_weights.csv", top_rows)
-            write_json(out_dir / "sensitivity_stats.json", stats)
+            write_csv(out_dir / layout.TOP_WEIGHTS, top_rows)
+            write_json(out_dir / layout.SENSITIVITY_STATS, stats)
         summary = None
         if config.stability_check:
             with stages.stage("stability"):
@@ -244,19 +251,20 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                                                   config.topk, config.mode,
                                                   data_free=not metric.needs)
             manifest["stability"] = summary if "skipped" in summary else {
-                "file": "stability_summary.json",
+                "file": layout.STABILITY_SUMMARY,
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
         manifest["success_criteria"] = [*criteria.phase2(summary, stats),
                                         analysis.hierarchy_row(stats["hierarchy"])]
         if config.perturb or config.ablate_top:
             eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
-            evaluators = perturbation.build_evaluators(config, registry, model, eval_data)
+            evaluators = build_evaluators(config, registry, model, eval_data)
         if config.perturb:
             with stages.stage("evaluation"):
                 manifest["success_criteria"] += perturbation.run_stage(
-                    config, model, scored, mean_scores, selection,
-                    [registry.get("perturbation", name)() for name in config.perturb_types()],
-                    evaluators, eval_data, out_dir, checkpoints)
+                    model, scored, mean_scores, selection, rules, evaluators, eval_data,
+                    perturbation.StudySettings(config.topk, config.mode, config.seeds,
+                                               config.controls, config.control_repeats),
+                    out_dir, checkpoints)
         if config.ablate_top:
             with stages.stage("ablation"):
                 study = ablation.make_study(
@@ -269,9 +277,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             write_json(out_dir / MANIFEST, {**manifest, "status": "running"})  # for the plots
         with stages.stage("plots"):  # from the files just written, as `esa report` does
             # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
-            figures = plots.render(plots.RunFiles.read(out_dir)) if distributed.is_main() else None
+            figures = plots.render(layout.RunFiles.read(out_dir)) if distributed.is_main() else None
             if config.save_plots and figures is not None:
-                figures.save(out_dir / "plots")
+                figures.save(out_dir / layout.PLOTS)
     except BaseException as exc:
         exc.esa_out_dir = out_dir  # where the CLI puts error.log
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
@@ -288,7 +296,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                     timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
     write_json(out_dir / MANIFEST, manifest)
     if figures is not None:
-        report.write(plots.RunFiles.read(out_dir), figures)  # the page shows the final timings
+        report.write(layout.RunFiles.read(out_dir), figures)  # the page shows the final timings
     checkpoints.clear()
     lock.release()
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
@@ -309,6 +317,24 @@ def _by_pointer(matrices, params) -> dict[int, Any]:
         weight = params[m.param].detach()
         found.setdefault((weight if m.expert is None else weight[m.expert]).data_ptr(), m)
     return found
+
+
+def build_evaluators(config: RunConfig, registry: Registry, model: torch.nn.Module,
+                     data: EvalData) -> list[Evaluator]:
+    """The --evaluator plugins, each prepared once; their measure names must not collide."""
+    evaluators: list[Evaluator] = [
+        cls(**config.evaluator_options(cls))
+        for cls in (registry.get("evaluator", name) for name in config.evaluator)]
+    names = [n for m in perturbation.measures_of(evaluators) for n in (m.name, m.change_name)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EsaError(f"--evaluator {','.join(config.evaluator)}: two measures share the "
+                       f"name '{repeated[0]}'.")
+    for evaluator in evaluators:
+        plugin_call(f"evaluator '{evaluator.name}' failed to prepare", evaluator.prepare,
+                    model, data)
+    return evaluators
+
 
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],

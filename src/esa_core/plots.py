@@ -8,7 +8,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Callable
@@ -22,15 +21,11 @@ from matplotlib import patheffects, rc_context, ticker
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from esa_core.errors import EsaError
-from esa_core.results import atomic_write_bytes, read_json
+from esa_core.layout import COMPONENTS, CONDITION_LABELS, FIGURES, RunFiles
+from esa_core.results import atomic_write_bytes
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
              "#000000")
-COMPONENT_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down",
-                   "moe.router", "moe.gate", "moe.up", "moe.down", "embed", "lm_head", "other")
-CONDITIONS = {"super_weights": "super (top-k)", "random_k": "random-k", "bottom_k": "bottom-k",
-              "magnitude_k": "magnitude-k"}
 DPI = 150
 MARKED_RANKS = 10  # the heatmap numbers the cells holding the 10 highest-ranked weights
 STYLE = {
@@ -40,85 +35,6 @@ STYLE = {
     "legend.frameon": False, "image.cmap": "cividis", "savefig.dpi": DPI,
     "svg.hashsalt": "esa", "path.simplify": True,
 }
-FIGURES = ("sensitivity_heatmap.png", "weight_distribution.png", "stability_analysis.png",
-           "perturbation_effects.png", "ablation.png")
-
-
-@dataclass
-class RunFiles:
-    """The files of one result folder; those a run did not write are None (or empty)."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    stats: dict[str, Any] | None = None
-    top: list[dict[str, Any]] = field(default_factory=list)
-    stability: dict[str, Any] | None = None
-    perturbation: dict[str, Any] | None = None
-    control: dict[str, Any] | None = None
-    ablation: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, folder: str | Path) -> RunFiles:
-        folder = Path(folder)
-        if not (folder / "experiment_manifest.json").is_file():
-            raise EsaError(f"{folder} is not an ESA result folder "
-                           "(it has no experiment_manifest.json).")
-
-        def optional(name: str) -> dict[str, Any] | None:
-            path = folder / name
-            return read_json(path) if path.is_file() else None
-
-        return cls(folder, read_json(folder / "experiment_manifest.json"),
-                   optional("sensitivity_stats.json"), read_top_weights(folder),
-                   optional("stability_summary.json"), optional("perturbation_results.json"),
-                   optional("control_analysis.json"), read_ablation(folder))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.manifest.get("config", {})
-
-    def title(self) -> str:
-        """`model · metric · top-k`, the first line of every figure."""
-        model = self.manifest.get("model", {}).get("id", "model")
-        k = self.config.get("topk", "?")
-        per = " per matrix" if self.config.get("mode") == "per_layer" else " overall"
-        return f"{model} · {self.config.get('metric', 'metric')} · top-{k}{per}"
-
-
-def read_top_weights(folder: Path) -> list[dict[str, Any]]:
-    """top_weights.csv as typed rows (layer/expert None where empty)."""
-    path = folder / "top_weights.csv"
-    if not path.is_file():
-        return []
-
-    def maybe_int(text: str) -> int | None:
-        return int(text) if text != "" else None
-
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{**row, "rank": int(row["rank"]), "layer": maybe_int(row["layer"]),
-                 "expert": maybe_int(row["expert"]), "row": int(row["row"]),
-                 "col": int(row["col"]), "score": float(row["score"]),
-                 "weight": float(row["weight"])} for row in csv.DictReader(f)]
-
-
-def read_ablation(folder: Path) -> list[dict[str, Any]]:
-    """ablation.csv as rows; numbers parsed, empty cells None."""
-    path = folder / "ablation.csv"
-    if not path.is_file():
-        return []
-
-    def parsed(text: str) -> Any:
-        if text == "":
-            return None
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: parsed(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 @dataclass
@@ -138,13 +54,9 @@ class Figures:
 
 def render(run: RunFiles) -> Figures:
     """Every figure the folder's files allow; the rest skipped with a reason."""
-    makers: dict[str, Callable[[RunFiles], Figure | str]] = {
-        "sensitivity_heatmap.png": sensitivity_heatmap,
-        "weight_distribution.png": weight_distribution,
-        "stability_analysis.png": stability_analysis,
-        "perturbation_effects.png": perturbation_effects,
-        "ablation.png": ablation_effects,
-    }
+    makers: dict[str, Callable[[RunFiles], Figure | str]] = dict(zip(FIGURES, (
+        sensitivity_heatmap, weight_distribution, stability_analysis, perturbation_effects,
+        ablation_effects)))
     figures = Figures()
     with rc_context(STYLE):
         for name, make in makers.items():
@@ -167,8 +79,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def _row_key(component: str, expert: int | None) -> tuple:
-    order = COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(
-        COMPONENT_ORDER)
+    order = COMPONENTS.index(component) if component in COMPONENTS else len(COMPONENTS)
     return order, component, -1 if expert is None else expert
 
 
@@ -475,7 +386,7 @@ def perturbation_effects(run: RunFiles) -> Figure | str:
     """Each declared measure's change per condition: mean ± SD, every seed, the random-k noise
     band; one row of panels per perturbation type."""
     sections = [(t, p) for t, p in perturbation_sections(run.perturbation)
-                if any(isinstance(p.get(n), dict) for n in CONDITIONS)]
+                if any(isinstance(p.get(n), dict) for n in CONDITION_LABELS)]
     if run.perturbation is None:
         return "perturbation_results.json is missing (run with --perturb)"
     if not sections:
@@ -486,7 +397,7 @@ def perturbation_effects(run: RunFiles) -> Figure | str:
     fig = Figure(figsize=(5.5 * len(measures), 4.2 * len(sections) + 0.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(sections), len(measures), squeeze=False))
     for row, (title, p) in enumerate(sections):
-        names = [n for n in CONDITIONS if isinstance(p.get(n), dict)]
+        names = [n for n in CONDITION_LABELS if isinstance(p.get(n), dict)]
         for ax, m in zip(axes[row], measures):
             key = m["change_name"]
             how = "relative change" if m["change"] == "relative" else "difference"
@@ -573,7 +484,7 @@ def _condition_panel(ax, p: dict, names: list[str], key: str, unit: float) -> No
                         elinewidth=1.5)
     ax.plot([], [], "D", color="#555555", label="mean ± SD over seeds")
     ax.plot([], [], "o", mfc="none", mec="#555555", label="one seed")
-    ax.set_xticks(range(len(names)), [CONDITIONS[n] for n in names])
+    ax.set_xticks(range(len(names)), [CONDITION_LABELS[n] for n in names])
     ax.set_xlim(-0.6, len(names) - 0.4)
     _fit_y(ax, finite_all + [0.0] + ([band[0], band[1]] if band else []))
     ax.grid(True, axis="y")

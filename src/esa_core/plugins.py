@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import pluggy
 
 from esa_core import hookspecs
-from esa_core.errors import unknown_choice
+from esa_core.api import ACTIVATIONS, GRAD, HVP, Evaluator, Metric, ModelAdapter, Perturbation
+from esa_core.errors import EsaError, unknown_choice
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ KINDS = {
     "model adapter": "register_model_adapters",
     "evaluator": "register_evaluators",
 }
+BASES = {"metric": Metric, "perturbation": Perturbation, "model adapter": ModelAdapter,
+         "evaluator": Evaluator}
+KNOWN_NEEDS = frozenset({GRAD, HVP, ACTIVATIONS})
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,6 @@ class Registry:
         return self.of_kind("metric")
 
     @property
-    def perturbations(self) -> dict[str, type]:
-        return self.of_kind("perturbation")
-
-    @property
     def model_adapters(self) -> dict[str, type]:
         return self.of_kind("model adapter")
 
@@ -73,9 +72,23 @@ class Registry:
     def evaluators(self) -> dict[str, type]:
         return self.of_kind("evaluator")
 
-    @property
-    def failures(self) -> list[PluginInfo]:
-        return [e for e in self.entries if e.error is not None]
+
+def check_plugin_class(kind: str, cls: type) -> None:
+    """Refuse at registration what would fail or be ignored later, with one line saying why."""
+    base = BASES[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise EsaError(f"{cls!r} is registered as kind '{kind}' but is not a subclass of "
+                       f"esa_core.api.{base.__name__}.")
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise EsaError(f"{kind} {cls.__name__} has no `name`.")
+    needs = getattr(cls, "needs", frozenset())
+    unknown = sorted(set(needs) - KNOWN_NEEDS)
+    if unknown:
+        raise EsaError(f"{kind} '{cls.name}' needs unknown '{unknown[0]}'; known: "
+                       f"{', '.join(sorted(KNOWN_NEEDS))}.")
+    if GRAD in needs and HVP in needs:
+        raise EsaError(f"{kind} '{cls.name}' needs both grad and hvp: one backward pass serves "
+                       "one of them, so on_grad would never run. Split it into two metrics.")
 
 
 def _first_doc_line(cls: type) -> str:
@@ -112,6 +125,15 @@ def load_registry() -> Registry:
             dist, version = origin[impl.plugin_name]
 
             def register(cls: type, kind: str = kind, dist: str = dist, version: str = version):
+                try:
+                    check_plugin_class(kind, cls)
+                except EsaError as exc:  # refused alone: the plugin's other classes still count
+                    log.warning("plugin %s (%s %s) refused: %s", getattr(cls, "__name__", cls),
+                                dist, version, exc)
+                    registry.entries.append(PluginInfo(
+                        "broken plugin", getattr(cls, "__name__", repr(cls)), str(exc), dist,
+                        version, error=str(exc)))
+                    return
                 registry.entries.append(
                     PluginInfo(kind, cls.name, _first_doc_line(cls), dist, version, cls)
                 )
@@ -146,10 +168,3 @@ def _warn_duplicates(registry: Registry) -> None:
 def registry() -> Registry:
     """The process-wide registry, loaded on first use."""
     return load_registry()
-
-
-def clear_cache() -> None:
-    """Forget the loaded registry (tests that install a plugin mid-session call this)."""
-    registry.cache_clear()
-    importlib.invalidate_caches()
-    sys.modules.pop("importlib.metadata._cache", None)

@@ -12,24 +12,24 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from esa_core.plots import FIGURES, Figures, RunFiles, perturbation_sections, render
+from esa_core.layout import FIGURES, PLOTS, REPORT, RunFiles
+from esa_core.plots import Figures, perturbation_sections, render
 from esa_core.results import atomic_write_text
 
 TOP_ROWS = 20
-CAPTIONS = {
-    "sensitivity_heatmap.png": "Where the sensitive weights are: per-matrix maximum score and "
-                               "mean score of the selected weights, by layer and component.",
-    "weight_distribution.png": "Score distribution (complementary CDF, log-log) with the top-k "
+CAPTIONS = dict(zip(FIGURES, (
+    "Where the sensitive weights are: per-matrix maximum score and "
+    "mean score of the selected weights, by layer and component.",
+    "Score distribution (complementary CDF, log-log) with the top-k "
                                "cut and the fitted tail index; |w| of the selected weights "
                                "versus all scored weights.",
-    "stability_analysis.png": "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
+    "Agreement of the seeds' top-k sets: pairwise Jaccard, and "
                               "overlap as k grows.",
-    "perturbation_effects.png": "Damage done by perturbing the top-k weights versus the control "
-                                "sets, one panel per measure, every seed shown.",
-    "ablation.png": "Each candidate removed alone: the measured effect against its score "
-                    "rank, with the critical ratio and the Spearman correlation of score and "
-                    "effect.",
-}
+    "Damage done by perturbing the top-k weights versus the control sets, one panel per "
+    "measure, every seed shown.",
+    "Each candidate removed alone: the measured effect against its score rank, with the "
+    "critical ratio and the Spearman correlation of score and effect.",
+)))
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
 max-width:1150px;margin:24px auto;padding:0 16px}
@@ -49,12 +49,12 @@ def build(folder: str | Path, save_plots: bool = True) -> Path:
     run = RunFiles.read(folder)
     figures = render(run)
     if save_plots:
-        figures.save(run.folder / "plots")
+        figures.save(run.folder / PLOTS)
     return write(run, figures)
 
 
 def write(run: RunFiles, figures: Figures) -> Path:
-    path = run.folder / "report.html"
+    path = run.folder / REPORT
     atomic_write_text(path, page(run, figures))
     return path
 

@@ -22,10 +22,9 @@ from typing import Any
 
 from esa_core import distributed
 from esa_core.errors import EsaError, write_failure
+from esa_core.layout import CSV_COLUMNS
 
 TMP_SUFFIX = ".tmp"
-MANIFEST = "experiment_manifest.json"
-CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
 
 
 def finite_json(value: Any) -> Any:
@@ -113,10 +112,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]],

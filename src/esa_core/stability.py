@@ -20,6 +20,7 @@ import torch
 from scipy import stats
 
 from esa_core.api import LogicalMatrix, ScoredParam
+from esa_core.layout import STABILITY_SUMMARY
 from esa_core.results import write_json
 from esa_core.selection import Picks, select
 
@@ -205,5 +206,5 @@ def write_summary(out_dir: Path, tops: Mapping[int, SeedTop], seeds: Sequence[in
     summary = summarize(tops, k, mode)
     if data_free:
         summary["data_free_note"] = DATA_FREE_NOTE
-    write_json(out_dir / "stability_summary.json", summary)
+    write_json(out_dir / STABILITY_SUMMARY, summary)
     return summary

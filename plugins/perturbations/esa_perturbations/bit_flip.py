@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from esa_core.api import Perturbation
+from esa_core.api import Option, Perturbation
 from esa_core.errors import EsaError
 
 # dtype -> (integer view, mantissa bits, exponent bits); the sign is the top bit.
@@ -20,16 +20,18 @@ LAYOUT = {
 
 
 class BitFlip(Perturbation):
-    """Flip each stored bit (sign, exponent, mantissa) independently with --perturb-prob."""
+    """Flip each stored bit (sign, exponent, mantissa) independently with probability `prob`."""
 
     name = "bit_flip"
+    options = (Option("prob", float, 0.05, "per-bit flip probability (--perturb-prob)",
+                      bounds=(0.0, 1.0)),)
 
-    def perturb(self, values, matrix, generator, scale, prob):
+    def perturb(self, values, matrix, generator):
         if values.dtype not in LAYOUT:
             raise EsaError(f"bit_flip supports fp32, bf16 and fp16 weights, not {values.dtype}.")
         int_dtype, mantissa, exponent = LAYOUT[values.dtype]
         nbits = mantissa + exponent + 1
-        flips = torch.rand((*values.shape, nbits), generator=generator) < prob
+        flips = torch.rand((*values.shape, nbits), generator=generator) < self.settings["prob"]
         weights = torch.tensor([1 << b for b in range(nbits)], dtype=torch.int64)
         mask = (flips.to(torch.int64) * weights).sum(-1)
         # wrap the unsigned mask into the signed integer type of the same width

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from esa_core.api import Perturbation
+from esa_core.api import Option, Perturbation
 
 
 class GaussNoise(Perturbation):
     """w <- w + N(0, (scale * std of the weight's matrix)^2); --perturb-scale 0.02 = 2 % spread."""
 
     name = "gauss_noise"
+    options = (Option("scale", float, 1.0, "sigma in stds of the weight's matrix "
+                      "(--perturb-scale)"),)
 
-    def perturb(self, values, matrix, generator, scale, prob):
-        sigma = scale * float(matrix.float().std(correction=0))
+    def perturb(self, values, matrix, generator):
+        sigma = self.settings["scale"] * float(matrix.float().std(correction=0))
         noise = torch.randn(values.shape, generator=generator, dtype=torch.float32)
         new = values.float() + noise.to(values.device) * sigma
         return new.to(values.dtype), {}

@@ -8,9 +8,9 @@ from esa_core.api import Perturbation
 
 
 class Zero(Perturbation):
-    """w <- 0: remove the weight (ignores --perturb-scale and --perturb-prob)."""
+    """w <- 0: remove the weight (no options)."""
 
     name = "zero"
 
-    def perturb(self, values, matrix, generator, scale, prob):
+    def perturb(self, values, matrix, generator):
         return torch.zeros_like(values), {}

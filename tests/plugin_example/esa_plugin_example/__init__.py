@@ -1,7 +1,9 @@
-"""An example third-party plugin: adds the `abs_grad` metric to ESA."""
+"""An example third-party plugin: a metric, a perturbation with an option, and an evaluator."""
+
+import torch
 
 from esa_core import hookimpl
-from esa_core.api import GRAD, Metric
+from esa_core.api import DIFFERENCE, GRAD, Evaluator, Measure, Metric, Option, Perturbation
 
 
 class AbsGrad(Metric):
@@ -14,6 +16,48 @@ class AbsGrad(Metric):
         state.add_(grad.abs().to(state.dtype))
 
 
+class ScaleBy(Perturbation):
+    """w <- factor * w (--perturb-arg factor=0.5); the default 0 removes the weight."""
+
+    name = "scale_by"
+    options = (Option("factor", float, 0.0, "what each selected weight is multiplied by"),)
+
+    def perturb(self, values, matrix, generator):
+        return values * self.settings["factor"], {}
+
+
+class Top5(Evaluator):
+    """Top-5 next-token accuracy on the held-out blocks."""
+
+    name = "top5"
+
+    def measures(self):
+        return (Measure("top5_accuracy", "top5_accuracy_drop", higher_is_better=True,
+                        change=DIFFERENCE),)
+
+    @torch.no_grad()
+    def evaluate(self, model, data, label=""):
+        device = next(model.parameters()).device
+        hits = total = 0
+        for batch in data.blocks.split(data.batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch).logits[:, :-1]
+            top5 = logits.topk(5, dim=-1).indices
+            hits += int((top5 == batch[:, 1:, None]).any(-1).sum())
+            total += batch[:, 1:].numel()
+        return {"top5_accuracy": hits / total}
+
+
 @hookimpl
 def register_metrics(register):
     register(AbsGrad)
+
+
+@hookimpl
+def register_perturbations(register):
+    register(ScaleBy)
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Top5)
