@@ -67,7 +67,7 @@ def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_p
 
 
 def test_each_candidate_is_a_resume_unit(registry, tmp_path, monkeypatch):
-    from esa_core.checkpoints import Checkpoints
+    from esa_core.resume import Checkpoints
 
     model = tiny.build(tiny.llama_config())
     params = {n: p for n, p in model.named_parameters() if n.endswith("mlp.down_proj.weight")}

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import esa_core
-from esa_core import checkpoints as ckpt
-from esa_core.checkpoints import Checkpoints, folder_bytes, human_bytes
+from esa_core import resume as ckpt
 from esa_core.engine import ScoringRun
+from esa_core.resume import Checkpoints, folder_bytes, human_bytes
 
 SEEDS = [1, 2, 3]
 SETTINGS = dict(topk=4, seq_len=16, max_samples=3, eval_samples=2, seeds=SEEDS, device="cpu")

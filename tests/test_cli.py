@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 import esa_core
 from esa_core import pipeline
-from esa_core.checkpoints import folder_bytes, human_bytes
 from esa_core.cli import app
 from esa_core.plugins import PluginInfo, Registry
+from esa_core.resume import folder_bytes, human_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("experiment_manifest.json", "sensitivity_stats.json", "top_weights.csv")

@@ -7,8 +7,8 @@ import json
 import tiny
 from typer.testing import CliRunner
 
-from esa_core.checkpoints import comparable
 from esa_core.cli import app
+from esa_core.resume import comparable
 
 VOLATILE = ("argv", "started_at", "finished_at", "timings")
 

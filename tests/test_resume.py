@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from esa_core.checkpoints import comparable
 from esa_core.cli import app
 from esa_core.engine import ScoringRun
+from esa_core.resume import comparable
 
 SEEDS = [1, 2, 3, 4]
 # four seeds of 30 blocks: a few seconds of scoring, so a signal lands between seeds

@@ -17,8 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa_core import distributed, progress
 from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
-from esa_core.checkpointing import checkpointed
 from esa_core.errors import EsaError, PluginFailure
+from esa_core.gradient_checkpointing import checkpointed
 from esa_core.guards import plugin_call
 
 log = logging.getLogger(__name__)

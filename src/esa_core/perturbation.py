@@ -22,12 +22,12 @@ from torch import nn
 
 from esa_core import analysis
 from esa_core.api import EvalData, Evaluator, LogicalMatrix, Measure, Perturbation, ScoredParam
-from esa_core.checkpoints import Checkpoints
 from esa_core.controls import WeightIndex, control_set, overlap
 from esa_core.errors import PluginFailure
 from esa_core.guards import plugin_call
 from esa_core.layout import CONTROL_ANALYSIS, PERTURBATION_RESULTS, SUPER
 from esa_core.results import write_json
+from esa_core.resume import Checkpoints
 from esa_core.selection import Selection
 
 log = logging.getLogger(__name__)

@@ -34,14 +34,6 @@ from esa_core import (
     stability,
 )
 from esa_core.api import EvalData, Evaluator, Metric, ModelAdapter, Perturbation, ScoredParam
-from esa_core.checkpoints import (
-    Checkpoints,
-    resumable_manifest,
-    resume_record,
-    selection_from,
-    selection_tensors,
-    tensor_bytes,
-)
 from esa_core.config import RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
@@ -55,6 +47,14 @@ from esa_core.results import (
     remove_leftovers,
     write_csv,
     write_json,
+)
+from esa_core.resume import (
+    Checkpoints,
+    resumable_manifest,
+    resume_record,
+    selection_from,
+    selection_tensors,
+    tensor_bytes,
 )
 from esa_core.selection import Selection, check_topk, matrix_size, select
 from esa_core.stats import sensitivity_stats
