@@ -152,3 +152,42 @@ def test_offline_without_cached_data_or_an_unknown_task_is_one_line(registry):
         evaluator(registry, tasks="arc_easy").prepare(model, data)
     with pytest.raises(EsaError, match="lm_eval knows no task 'no_such_task'"):
         evaluator(registry, tasks="no_such_task").prepare(model, data)
+
+
+@pytest.mark.slow
+def test_a_run_carries_every_declared_measure_to_every_output(tiny_llama_dir, task_yaml,
+                                                              tmp_path):
+    """`--evaluator perplexity,lm_eval`: the task's accuracy flows through the study to the JSON
+    files, the criteria, the figure and the report, beside perplexity's measures."""
+    from typer.testing import CliRunner
+
+    from esa_core.cli import app
+    from esa_core.layout import RunFiles
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_llama_dir), "--topk", "3", "--max-samples", "2",
+        "--eval-samples", "2", "--seq-len", "32", "--seeds", "1,2", "--perturb", "zero",
+        "--controls", "random_k", "--evaluator", "perplexity,lm_eval",
+        "--eval-task", str(task_yaml), "--save-plots", "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    run = RunFiles.read(out)
+    declared = [m["name"] for m in run.perturbation["measures"]]
+    assert declared == ["ppl", "accuracy", "esa_tiny_mc_acc"]
+    baseline = run.perturbation["baseline"]["esa_tiny_mc_acc"]
+    assert baseline * len(ITEMS) == pytest.approx(round(baseline * len(ITEMS)))  # a count of items
+    for condition in ("super_weights", "random_k"):
+        section = run.perturbation[condition]
+        for trial in section["per_seed"]:
+            assert trial["esa_tiny_mc_acc_drop"] == pytest.approx(
+                baseline - trial["esa_tiny_mc_acc"])
+    task = run.control["measures"]["esa_tiny_mc_acc_drop"]
+    assert task["changes"] == {name: pytest.approx(run.perturbation[name]["esa_tiny_mc_acc_drop"])
+                               for name in ("super_weights", "random_k")}
+    assert task["spread"]["random_k"]["draws"] == 2
+    # the criteria judge the primary measure (perplexity), the first evaluator's first
+    assert run.control["primary_measure"] == "ppl_change"
+    assert [r["verdict"] for r in run.control["success_criteria"]] == [
+        r["verdict"] for r in run.manifest["success_criteria"][-4:]]
+    assert (out / "plots" / "perturbation_effects.png").stat().st_size > 10_000
+    assert "esa_tiny_mc_acc" in (out / "report.html").read_text()
