@@ -142,3 +142,16 @@ def test_hill_estimator_against_a_hand_computed_value():
     # x = 8, 4, 2, 1: k = 3, threshold 1; 1/alpha = (ln 8 + ln 4 + ln 2) / 3 = 2 ln 2
     alpha, k = hill_tail_index(torch.tensor([8.0, 4.0, 2.0, 1.0]))
     assert k == 3 and alpha == pytest.approx(1 / (2 * math.log(2)))
+
+
+@pytest.mark.parametrize("higher_is_better, change, value, baseline, expected", [
+    (False, RELATIVE, 30.0, 20.0, 30.0 / 20.0 - 1.0),  # perplexity up by half: +0.5
+    (False, DIFFERENCE, 3.5, 3.0, 0.5),  # a loss up by 0.5
+    (True, DIFFERENCE, 0.40, 0.62, 0.62 - 0.40),  # accuracy down: positive damage
+    (True, RELATIVE, 0.31, 0.62, 1.0 - 0.31 / 0.62),  # halved: 0.5
+    (True, DIFFERENCE, 0.70, 0.62, 0.62 - 0.70),  # improved: negative damage
+])
+def test_a_measure_orients_its_change_so_damage_is_positive(higher_is_better, change, value,
+                                                            baseline, expected):
+    measure = Measure("m", "m_change", higher_is_better, change)
+    assert measure.damage(value, baseline) == pytest.approx(expected)
