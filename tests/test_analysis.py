@@ -81,22 +81,26 @@ def test_bootstrap_interval_brackets_the_statistic_and_is_undefined_when_it_must
 
 def test_phase3_rows_by_value():
     a = analysis.analyse(results([3.0], [0.5], [0.1]), [PPL, ACC])
-    rows = analysis.phase3_criteria(a)
-    assert [r["verdict"] for r in rows] == ["PASS", "PASS", "SKIP"]
+    rows = analysis.phase3_criteria(a, [PPL, ACC])
+    assert [r["verdict"] for r in rows] == ["PASS", "PASS", "SKIP", "SKIP"]
     assert rows[1]["value"] == pytest.approx(6.0)
+    # accuracy moved for neither set (drop 0.0 everywhere): its own row says so
+    assert rows[3]["criterion"] == "magnitude: accuracy_drop(super) / accuracy_drop(random)"
+    assert "no damage to accuracy_drop" in rows[3]["note"]
     assert a["measures"]["accuracy_drop"]["separation"]["super_vs_random"] != 6.0  # own ratios
-    rows = analysis.phase3_criteria(analysis.analyse(results([1.0], [0.5], [0.1]), [PPL, ACC]))
+    rows = analysis.phase3_criteria(analysis.analyse(results([1.0], [0.5], [0.1]), [PPL, ACC]),
+                                    [PPL, ACC])
     assert [r["verdict"] for r in rows[:2]] == ["PASS", "FAIL"]
 
 
 def test_robustness_holds_only_when_every_type_separates():
     good = analysis.analyse(results([3.0], [0.5], [0.1]), [PPL])
     weak = analysis.analyse(results([1.0], [0.5], [0.1]), [PPL])
-    assert analysis.robustness_row({"zero": good})["verdict"] == "SKIP"
-    assert analysis.robustness_row({"zero": good, "sign_flip": good})["verdict"] == "PASS"
-    row = analysis.robustness_row({"zero": good, "sign_flip": weak})
+    assert analysis.robustness_row({"zero": good}, [PPL])["verdict"] == "SKIP"
+    assert analysis.robustness_row({"zero": good, "sign_flip": good}, [PPL])["verdict"] == "PASS"
+    row = analysis.robustness_row({"zero": good, "sign_flip": weak}, [PPL])
     assert row["verdict"] == "FAIL" and "sign_flip: fails" in row["note"]
-    assert analysis.robustness_row({"zero": good, "sign_flip": None})["verdict"] == "SKIP"
+    assert analysis.robustness_row({"zero": good, "sign_flip": None}, [PPL])["verdict"] == "SKIP"
 
 
 def test_hierarchy_share_by_value():
@@ -155,3 +159,18 @@ def test_a_measure_orients_its_change_so_damage_is_positive(higher_is_better, ch
                                                             baseline, expected):
     measure = Measure("m", "m_change", higher_is_better, change)
     assert measure.damage(value, baseline) == pytest.approx(expected)
+
+
+def test_every_declared_measure_gets_its_own_magnitude_row():
+    """A second measure is judged by its own ratio: 0.3 / 0.05 = 6 passes, 0.3 / 0.2 fails."""
+    def condition(ppl_change, acc_drop):
+        return analysis.summarise([{"seed": 0, "ppl": 10.0, "accuracy": 0.5,
+                                    "ppl_change": ppl_change, "accuracy_drop": acc_drop,
+                                    "nonfinite_outputs": False}], [PPL, ACC])
+
+    for random_drop, verdict in ((0.05, "PASS"), (0.2, "FAIL")):
+        res = {"super_weights": condition(3.0, 0.3), "random_k": condition(0.5, random_drop)}
+        row = analysis.phase3_criteria(analysis.analyse(res, [PPL, ACC]), [PPL, ACC])[-1]
+        assert row["criterion"] == "magnitude: accuracy_drop(super) / accuracy_drop(random)"
+        assert row["value"] == pytest.approx(0.3 / random_drop)
+        assert row["verdict"] == verdict

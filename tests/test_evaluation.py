@@ -99,10 +99,18 @@ def test_perturb_with_controls_writes_both_files(tiny_llama_dir, small_text, tmp
     manifest = strict_json(result.out_dir / "experiment_manifest.json")
     assert "evaluation_s" in manifest["timings"]
     rows = phase3_rows(manifest["success_criteria"])
-    assert rows == analysis["success_criteria"] and len(rows) == 4
+    assert rows == analysis["success_criteria"] and len(rows) == 5
     assert {r["verdict"] for r in rows[:2]} <= {"PASS", "FAIL"}
     assert rows[2]["verdict"] == "SKIP" and "--control-repeats 15" in rows[2]["note"]
-    assert rows[3]["verdict"] == "SKIP" and "several --perturb" in rows[3]["note"]
+    # the other declared measure, accuracy, gets its own >= 3x row from its own ratio
+    accuracy = analysis["measures"]["accuracy_drop"]["separation"]["super_vs_random"]
+    assert rows[3]["criterion"] == "magnitude: accuracy_drop(super) / accuracy_drop(random)"
+    if accuracy is None:  # neither set moved accuracy at all
+        assert rows[3]["verdict"] == "SKIP" and "no damage to accuracy_drop" in rows[3]["note"]
+    else:
+        assert rows[3]["value"] == accuracy
+        assert rows[3]["verdict"] == ("PASS" if accuracy >= 3.0 else "FAIL")
+    assert rows[4]["verdict"] == "SKIP" and "several --perturb" in rows[4]["note"]
 
 
 def test_perturb_alone_tests_the_super_set_only(tiny_llama_dir, small_text, tmp_path):
@@ -111,8 +119,8 @@ def test_perturb_alone_tests_the_super_set_only(tiny_llama_dir, small_text, tmp_
     assert "super_weights" in results and "random_k" not in results
     assert not (result.out_dir / "control_analysis.json").exists()
     rows = phase3_rows(result.manifest["success_criteria"])
-    assert len(rows) == 4
-    assert all(r["verdict"] == "SKIP" and "--controls" in r["note"] for r in rows[:3])
+    assert len(rows) == 5
+    assert all(r["verdict"] == "SKIP" and "--controls" in r["note"] for r in rows[:4])
 
 
 def phase3_rows(rows: list[dict]) -> list[dict]:
@@ -177,7 +185,7 @@ def test_several_perturbation_types_share_the_controls_and_judge_robustness(
     assert set(analysis["by_perturbation"]) == {"sign_flip", "zero"}
     rows = result.manifest["success_criteria"]
     labelled = [r["criterion"] for r in rows if "[sign_flip]" in r["criterion"]]
-    assert len(labelled) == 3 and sum("[zero]" in r["criterion"] for r in rows) == 3
+    assert len(labelled) == 4 and sum("[zero]" in r["criterion"] for r in rows) == 4
     robust = next(r for r in rows if r["criterion"].startswith("robustness"))
     held = [next(r for r in rows if r["criterion"].startswith(f"{k} [{name}]"))["verdict"]
             == "PASS" for name in sections for k in ("separation", "magnitude")]

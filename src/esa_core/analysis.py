@@ -214,10 +214,13 @@ def hierarchy_row(h: dict[str, Any]) -> dict[str, Any]:
                           f"holding top-k weights ({h['n_matrices']} scored); {note}")
 
 
-def phase3_criteria(analysis: dict[str, Any] | None, label: str = "") -> list[dict[str, Any]]:
-    """The guide's Phase 3 success criteria on the primary measure, as `criteria` rows."""
+def phase3_criteria(analysis: dict[str, Any] | None, measures: Sequence[Measure],
+                    label: str = "") -> list[dict[str, Any]]:
+    """The guide's Phase 3 success criteria on the primary measure (the first of `measures`),
+    as `criteria` rows, then the ≥3× separation on every other declared measure.
+    `analysis` is None when the stage ran without controls: every row is then a SKIP."""
     analysis = analysis or {}
-    key = analysis.get("primary_measure", "change")
+    key = measures[0].change_name
     changes = analysis.get(key, {})
     sep = analysis.get("separation", {})
     sig = analysis.get("significance")
@@ -239,7 +242,23 @@ def phase3_criteria(analysis: dict[str, Any] | None, label: str = "") -> list[di
     else:
         rows.append(criteria.skipped(magnitude, ">=", SEPARATION, needs))
         rows.append(criteria.skipped(significant, "<=", P_MAX, needs))
-    return rows
+    by_measure = analysis.get("measures", {})
+    return rows + [_magnitude_row(m.change_name,
+                                  by_measure.get(m.change_name, {}).get("separation", {}),
+                                  where, needs) for m in measures[1:]]
+
+
+def _magnitude_row(key: str, sep: dict[str, Any], where: str, needs: str) -> dict[str, Any]:
+    """The ≥3× separation on another declared measure (task accuracy, say): reported beside the
+    primary measure's; a SKIP when neither set moved that measure at all."""
+    criterion = f"magnitude{where}: {key}(super) / {key}(random)"
+    if "super_vs_random" not in sep:
+        return criteria.skipped(criterion, ">=", SEPARATION, needs)
+    value = sep["super_vs_random"]
+    if value is None or math.isnan(value):
+        return criteria.skipped(criterion, ">=", SEPARATION,
+                                f"no damage to {key} from the super set or the random sets")
+    return criteria.check(criterion, value, ">=", SEPARATION)
 
 
 def significance_row(criterion: str, sig: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +276,8 @@ def significance_row(criterion: str, sig: dict[str, Any]) -> dict[str, Any]:
     return criteria.check(criterion, sig["p_value"], "<=", P_MAX, note)
 
 
-def robustness_row(separations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def robustness_row(separations: dict[str, dict[str, Any] | None],
+                   measures: Sequence[Measure]) -> dict[str, Any]:
     """Phase 3 robustness: the separation holds for every perturbation type.
 
     `separations` maps each type to its analysis (None when it ran without controls). A type
@@ -269,7 +289,7 @@ def robustness_row(separations: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                 "run with several --perturb types, e.g. sign_flip,zero,gauss_noise")
     held = {}
     for name, analysis in separations.items():
-        rows = phase3_criteria(analysis)[:2]
+        rows = phase3_criteria(analysis, measures)[:2]
         if any(r["verdict"] == criteria.SKIP for r in rows):
             return criteria.skipped(criterion, "==", True,
                                     "run with --controls random_k,bottom_k")

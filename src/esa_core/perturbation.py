@@ -271,10 +271,11 @@ def run_stage(model: nn.Module, scored: Sequence[ScoredParam],
         if settings.controls:
             analyses[perturbation.name] = analysis.analyse(sections[perturbation.name],
                                                            study.measures)
-    rows = []
+    rows, measures = [], measures_of(evaluators)
     for name in sections:
-        rows += analysis.phase3_criteria(analyses.get(name), name if several else "")
-    rows.append(analysis.robustness_row({name: analyses.get(name) for name in sections}))
+        rows += analysis.phase3_criteria(analyses.get(name), measures, name if several else "")
+    rows.append(analysis.robustness_row({name: analyses.get(name) for name in sections},
+                                        measures))
     if several:
         results = {"perturbations": list(sections), "baseline": baseline,
                    "by_perturbation": sections}
