@@ -17,8 +17,8 @@ from scipy import stats
 
 from esa_core import criteria
 from esa_core.api import Measure
+from esa_core.layout import SUPER
 
-SUPER = "super_weights"
 SEPARATION = 3.0  # the guide: super-weight perturbations cause >= 3x the impact of random ones
 P_MAX = 0.05  # the super effect must be rarer than this among random draws
 CONTROL_SHORT = {"random_k": "random", "bottom_k": "bottom", "magnitude_k": "magnitude"}
@@ -46,17 +46,18 @@ def summarise(per_seed: list[dict[str, Any]], measures: Sequence[Measure]) -> di
              if isinstance(v, float) and k not in declared]  # e.g. loss
     mean, std = {}, {}
     for key in declared + extra:
-        mean[key], std[key] = mean_std([_number(t[key]) for t in per_seed])
+        mean[key], std[key] = mean_std([number(t[key]) for t in per_seed])
     primary = measures[0].name
     return {
         **{key: mean[key] for key in declared},
         "nonfinite_seeds": sum(bool(t.get("nonfinite_outputs"))
-                               or not math.isfinite(_number(t[primary])) for t in per_seed),
+                               or not math.isfinite(number(t[primary])) for t in per_seed),
         "per_seed": per_seed, "mean": mean, "std": std,
     }
 
 
-def _number(value: float | None) -> float:
+def number(value: float | None) -> float:
+    """A reported value as a float; None (a non-finite value read back from JSON) is NaN."""
     return math.nan if value is None else float(value)
 
 

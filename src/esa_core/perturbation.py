@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -124,11 +123,8 @@ def evaluate_all(evaluators: Sequence[Evaluator], model: nn.Module, data: EvalDa
 def changes(measures: Sequence[Measure], result: Mapping[str, Any],
             baseline: Mapping[str, Any]) -> dict[str, float]:
     """Each measure's change against the baseline, keyed by its change_name (damage > 0)."""
-    def number(value: float | None) -> float:
-        return math.nan if value is None else float(value)
-
-    return {m.change_name: m.damage(number(result[m.name]), number(baseline[m.name]))
-            for m in measures}
+    return {m.change_name: m.damage(analysis.number(result[m.name]),
+                                    analysis.number(baseline[m.name])) for m in measures}
 
 
 @dataclass

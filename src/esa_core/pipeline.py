@@ -336,7 +336,6 @@ def build_evaluators(config: RunConfig, registry: Registry, model: torch.nn.Modu
     return evaluators
 
 
-
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
                  metric: Metric, tokens: data.TokenData, checkpoints: Checkpoints):
     """Score once per seed; return the seeds' mean scores, each seed's own top-k, and (for
