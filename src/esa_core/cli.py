@@ -118,13 +118,13 @@ def _cli_parameter(opt: RunOption) -> inspect.Parameter:
         default = ",".join(map(str, default)) or None
     if opt.written == PAIRS or opt.by_device:
         default = None
-    names = [opt.spelling, *([opt.short] if opt.short else [])] if opt.type is bool or \
-        opt.flag or opt.short else []
+    names = [opt.spelling, *([opt.short] if opt.short else [])]  # a switch has no --no-x
     text = opt.help + (f" Default: {opt.describe_default()}." if opt.by_device else "")
     text = text.replace("[", "\\[")  # rich would read `[tasks]` as markup
+    shown = default is not None and default is not False
     return inspect.Parameter(
         opt.name, inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(default, *names, help=text, show_default=default not in (None, False)),
+        default=typer.Option(default, *names, help=text, show_default=shown),
         annotation=cli_type if default is not None else cli_type | None)
 
 
