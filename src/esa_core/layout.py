@@ -48,6 +48,7 @@ MODES = ("per_layer", "global")
 SUPER = "super_weights"
 RANDOM_K, BOTTOM_K, MAGNITUDE_K = "random_k", "bottom_k", "magnitude_k"
 CONTROLS = (RANDOM_K, BOTTOM_K, MAGNITUDE_K)
+RANDOM_K_REPEATS = "random_k_repeats"  # --control-repeats: the extra random_k draws
 CONDITIONS = (SUPER, *CONTROLS)
 CONDITION_LABELS = {SUPER: "super (top-k)", RANDOM_K: "random-k", BOTTOM_K: "bottom-k",
                     MAGNITUDE_K: "magnitude-k"}
