@@ -85,7 +85,7 @@ def _load(spec: dict):
     """Model (eval mode), adapter, calibration blocks and eval blocks for one worker."""
     import torch
 
-    from esa_core import data, loading, pipeline
+    from esa_core import data, loading
     from esa_core.plugins import registry
 
     device = torch.device(spec["device"])
@@ -95,14 +95,14 @@ def _load(spec: dict):
         torch.manual_seed(0)
         config = LlamaConfig(**CONFIG, num_hidden_layers=spec["layers"])
         model = AutoModelForCausalLM.from_config(config).to(device).eval()
-        adapter = pipeline.choose_adapter(registry(), config.model_type, None)
+        adapter = registry().adapter_for(config.model_type)()
         generator = torch.Generator().manual_seed(0)
         shape = (spec["blocks"] + spec["eval_blocks"], spec["seq_len"])
         tokens = torch.randint(config.vocab_size, shape, generator=generator)
         return model, adapter, tokens[: spec["blocks"]], tokens[spec["blocks"]:]
     source = loading.resolve(None if spec["model"] == "default" else spec["model"])
     model_type = loading.load_config(source).model_type
-    adapter = pipeline.choose_adapter(registry(), model_type, None)
+    adapter = registry().adapter_for(model_type)()
     model, tokenizer = adapter.load(source, loading.pick_dtype("auto", device), device)
     tokens = data.tokenize(data.read_texts(data.BUNDLED), tokenizer, spec["seq_len"],
                            spec["eval_blocks"])

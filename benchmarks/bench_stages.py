@@ -30,7 +30,6 @@ def setup(args):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from esa_core.pipeline import choose_adapter
     from esa_core.plugins import registry
 
     torch.manual_seed(0)
@@ -39,7 +38,7 @@ def setup(args):
                          num_attention_heads=16, num_key_value_heads=4)
     device = torch.device(args.device)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()
-    scored = choose_adapter(registry(), "llama", None).scored_params(model)
+    scored = registry().adapter_for("llama")().scored_params(model)
     generator = torch.Generator(device=device).manual_seed(1)
     scores = {s.name: torch.randn(s.param.shape, generator=generator, device=device).abs_()
               .pow_(3) for s in scored}

@@ -22,7 +22,6 @@ from esa_core.api import ACTIVATIONS, Metric
 from esa_core.cli import app
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
-from esa_core.pipeline import choose_adapter
 from esa_core.selection import select
 
 ATTN = {"attn.q", "attn.k", "attn.v", "attn.o"}
@@ -41,7 +40,7 @@ EXPECTED = {  # family -> (adapter chosen by model_type, components it finds)
 
 def adapted(family: str, registry, **overrides):
     model = tiny.build(tiny.family_config(family, **overrides))
-    return model, choose_adapter(registry, model.config.model_type, None)
+    return model, registry.adapter_for(model.config.model_type)()
 
 
 def matrices_of(scored):

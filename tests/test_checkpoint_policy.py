@@ -13,6 +13,7 @@ import torch
 import esa_core
 from esa_core import resume as ckpt
 from esa_core.engine import ScoringRun
+from esa_core.layout import CHECKPOINTS
 from esa_core.resume import Checkpoints, folder_bytes, human_bytes
 
 SEEDS = [1, 2, 3]
@@ -95,8 +96,12 @@ def test_never_writes_no_checkpoint(tiny_llama_dir, tmp_path, writes):
 
 
 def full_disk_by_free_space(monkeypatch):
+    """The disk fills while the run scores: the check before the model loaded saw room (a disk
+    full from the start is refused then: tests/test_options.py), the checkpoint's own does not."""
     full = ckpt.shutil._ntuple_diskusage(total=100, used=100, free=0)
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: full)
+    real = ckpt.shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: (
+        full if Path(path).name == CHECKPOINTS else real(path)))
 
 
 def full_disk_mid_write(monkeypatch):

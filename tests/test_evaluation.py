@@ -136,11 +136,10 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
     from esa_core.controls import WeightIndex, control_set
     from esa_core.engine import ScoringRun
     from esa_core.perturbation import Study, generator_for
-    from esa_core.pipeline import choose_adapter
     from esa_core.selection import select
 
     source = loading.resolve(None)
-    adapter = choose_adapter(registry, loading.load_config(source).model_type, None)
+    adapter = registry.adapter_for(loading.load_config(source).model_type)()
     model, tokenizer = adapter.load(source, torch.float32, torch.device("cpu"))
     scored = adapter.scored_params(model)
     tokens = data.tokenize(data.read_texts(str(small_text)), tokenizer, 64, 2)

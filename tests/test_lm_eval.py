@@ -123,8 +123,8 @@ def test_embedded_model_accuracy_equals_the_hand_computed_comparison(registry, t
 def test_eval_task_and_limit_map_onto_the_options(registry, task_yaml):
     cls = registry.get("evaluator", "lm_eval")
     config = RunConfig(eval_tasks=[str(task_yaml), "arc_easy"], eval_limit=5)
-    assert config.evaluator_options(cls) == {"tasks": f"{task_yaml},arc_easy", "limit": 5}
-    assert config.evaluator_options(registry.get("evaluator", "perplexity")) == {}
+    assert config.options_for("evaluator", cls) == {"tasks": f"{task_yaml},arc_easy", "limit": 5}
+    assert config.options_for("evaluator", registry.get("evaluator", "perplexity")) == {}
 
 
 @pytest.mark.parametrize("options, message", [

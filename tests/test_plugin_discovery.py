@@ -44,6 +44,7 @@ def test_installed_plugin_is_listed_with_its_distribution(example_site):
     assert scale_by["options"].startswith("factor=0.0 (float)")
     assert rows[("evaluator", "top5")]["description"] == \
         "Top-5 next-token accuracy on the held-out blocks."
+    assert rows[("evaluator", "top5")]["options"].startswith("k=5 (int)")
     assert rows[("perturbation", "bit_flip")]["options"].startswith("prob=0.05 (float)")
 
 
@@ -77,7 +78,8 @@ def test_installed_metric_and_perturbation_work_in_a_run(example_site, tiny_llam
     result = subprocess.run(
         [*ESA, "run", "--model", str(tiny_llama_dir), "--metric", "abs_grad", "--topk", "3",
          "--max-samples", "2", "--seq-len", "16", "--eval-samples", "2", "--out-dir",
-         str(out_dir), "--perturb", "scale_by", "--perturb-arg", "factor=0.5"],
+         str(out_dir), "--perturb", "scale_by", "--perturb-arg", "factor=0.5",
+         "--evaluator", "perplexity,top5", "--eval-arg", "k=10"],
         env=_env(example_site), capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr
@@ -90,6 +92,9 @@ def test_installed_metric_and_perturbation_work_in_a_run(example_site, tiny_llam
     results = json.loads((out_dir / "perturbation_results.json").read_text())
     assert results["perturbation"] == {"name": "scale_by", "factor": 0.5}
     assert results["super_weights"]["ppl"] != results["baseline"]["ppl"]
+    # --eval-arg reached the third party's evaluator: its measure is named by its option
+    assert [m["name"] for m in results["measures"]] == ["ppl", "accuracy", "top10_accuracy"]
+    assert results["baseline"]["accuracy"] <= results["baseline"]["top10_accuracy"] <= 1.0
 
 
 def test_without_the_plugin_the_metric_is_unknown(tiny_llama_dir, tmp_path):

@@ -1,8 +1,10 @@
 """ESA: find the few weights of a large language model that matter most, and prove it."""
 
+from importlib.metadata import version
+
 from esa_core.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = version("esa-toolkit")  # written once, in pyproject.toml
 __all__ = ["__version__", "hookimpl", "run", "RunConfig"]
 
 

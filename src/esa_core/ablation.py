@@ -1,9 +1,10 @@
 """--ablate-top N: which of the top-ranked weights, removed alone, break the model?
 
 A metric's score predicts; removal measures. Each of the N highest-ranked weights (in
-top_weights.csv order) is zeroed alone with the `zero` perturbation, the model is measured by
-the run's evaluators on the ablation blocks, and the weight is restored bit-exactly (the
-perturbation study's machinery). ablation.csv ranks the candidates by the measured damage.
+top_weights.csv order) is removed alone with the perturbation that declares `removes` (zero),
+the model is measured by the run's evaluators on the ablation blocks, and the weight is
+restored bit-exactly (the perturbation study's machinery). ablation.csv ranks the candidates
+by the measured damage.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from esa_core.layout import ABLATION, CSV_COLUMNS
 from esa_core.perturbation import Study, changes, generator_for, perturbed
 from esa_core.results import write_csv
 from esa_core.selection import Picks, Selection
-
-ZERO = "zero"  # the rule that removes a weight
 
 
 def columns(measures: Sequence[Measure]) -> list[str]:
@@ -93,7 +92,8 @@ def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]
 
 
 def _remove(study: Study, selection: Selection) -> dict[str, Any]:
-    with perturbed(selection, study.params, study.perturbation, generator_for(0, ZERO),
+    rule = study.perturbation
+    with perturbed(selection, study.params, rule, generator_for(0, rule.name),
                    study.pristine_checksums):
         return study.evaluate("ablating")
 
@@ -122,11 +122,11 @@ def summary(rows: list[dict[str, Any]], primary: Measure, baseline: Mapping[str,
 
 
 def make_study(model: nn.Module, params: Mapping[str, nn.Parameter],
-               evaluators: Sequence[Evaluator], data: EvalData, zero: Perturbation,
+               evaluators: Sequence[Evaluator], data: EvalData, remover: Perturbation,
                n_blocks: int, checkpoints) -> Study:
     """A Study that only serves single-weight removals on `n_blocks` of the held-out blocks."""
     small = EvalData(ablation_blocks(data.blocks, n_blocks), data.tokenizer, data.batch_size)
     return Study(model=model, params=params, matrices=[], scores={}, super_set=Selection([]),
-                 evaluators=evaluators, eval_data=small, perturbation=zero,
+                 evaluators=evaluators, eval_data=small, perturbation=remover,
                  topk=0, mode="global", seeds=[], checkpoints=checkpoints)
 

@@ -17,11 +17,11 @@ from scipy import stats
 
 from esa_core import criteria
 from esa_core.api import Measure
-from esa_core.layout import SUPER
+from esa_core.layout import BOTTOM_K, MAGNITUDE_K, RANDOM_K, RANDOM_K_REPEATS, SUPER
 
 SEPARATION = 3.0  # the guide: super-weight perturbations cause >= 3x the impact of random ones
 P_MAX = 0.05  # the super effect must be rarer than this among random draws
-CONTROL_SHORT = {"random_k": "random", "bottom_k": "bottom", "magnitude_k": "magnitude"}
+CONTROL_SHORT = {RANDOM_K: "random", BOTTOM_K: "bottom", MAGNITUDE_K: "magnitude"}
 HIERARCHY_SHARE = 0.10  # the busiest tenth of the matrices holding top-k weights ...
 HIERARCHY_MIN = 0.5  # ... must hold at least half of the top-k's score mass
 HIERARCHY_RULE = ("hierarchical = the busiest 10% of the matrices holding top-k weights (by "
@@ -78,8 +78,8 @@ def ratio(a: float, b: float) -> float:
 
 def _draws(results: dict[str, Any], name: str, key: str) -> list[float]:
     values = [damage(t[key]) for t in results[name]["per_seed"]]
-    if name == "random_k":
-        values += [damage(t[key]) for t in results.get("random_k_repeats", [])]
+    if name == RANDOM_K:
+        values += [damage(t[key]) for t in results.get(RANDOM_K_REPEATS, [])]
     return values
 
 
@@ -97,11 +97,11 @@ def analyse(results: dict[str, Any], measures: Sequence[Measure]) -> dict[str, A
                    for name in by_measure[primary]["spread"]},
         "measures": by_measure,
     }
-    if "random_k" in results:
+    if RANDOM_K in results:
         analysis["significance"] = significance(results, primary)
-    if "magnitude_k" in results:
+    if MAGNITUDE_K in results:
         analysis["magnitude_overlap_with_super"] = \
-            results["magnitude_k"]["per_seed"][0]["overlap_with_super"]
+            results[MAGNITUDE_K]["per_seed"][0]["overlap_with_super"]
     return analysis
 
 
@@ -110,8 +110,8 @@ def _measure_analysis(results: dict[str, Any], key: str) -> dict[str, Any]:
                for name in (SUPER, *CONTROL_SHORT) if name in results}
     separation = {f"super_vs_{short}": ratio(changes[SUPER], changes[name])
                   for name, short in CONTROL_SHORT.items() if name in changes}
-    if "random_k" in changes and "bottom_k" in changes:
-        separation["random_vs_bottom"] = ratio(changes["random_k"], changes["bottom_k"])
+    if RANDOM_K in changes and BOTTOM_K in changes:
+        separation["random_vs_bottom"] = ratio(changes[RANDOM_K], changes[BOTTOM_K])
     spread = {}
     for name in CONTROL_SHORT:
         if name in results:
@@ -136,7 +136,7 @@ def significance(results: dict[str, Any], key: str) -> dict[str, Any]:
     """
     super_values = [damage(t[key]) for t in results[SUPER]["per_seed"]]
     super_change = damage(results[SUPER][key])
-    draws = _draws(results, "random_k", key)
+    draws = _draws(results, RANDOM_K, key)
     at_least = sum(d >= super_change for d in draws)
     return {"random_draws": len(draws), "random_changes": draws, "measure": key,
             "random_mean": mean_std(draws)[0], "random_std": mean_std(draws)[1],
@@ -231,8 +231,8 @@ def phase3_criteria(analysis: dict[str, Any] | None, measures: Sequence[Measure]
     magnitude = f"magnitude{where}: {key}(super) / {key}(random)"
     significant = f"significance{where}: permutation p of {key}(super) among random draws"
     rows = []
-    if "random_k" in changes and "bottom_k" in changes:
-        order = [changes[SUPER], changes["random_k"], changes["bottom_k"]]
+    if RANDOM_K in changes and BOTTOM_K in changes:
+        order = [changes[SUPER], changes[RANDOM_K], changes[BOTTOM_K]]
         rows.append(criteria.check(ordering, order[0] > order[1] > order[2], "==", True,
                                    " > ".join(_fmt(v) for v in order)))
     else:

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,12 +25,20 @@ from esa_core.layout import COMPONENTS
 NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
 
 
+def cache_dir() -> Path:
+    """Where a plugin may keep what it computes once per installation (ESA's cache folder:
+    $ESA_CACHE_DIR, else $XDG_CACHE_HOME/esa, else ~/.cache/esa)."""
+    from esa_core.loading import cache_dir as esa_cache
+
+    return esa_cache()
+
+
 # --------------------------------------------------------------------------- options
 
 
 @dataclass(frozen=True)
 class Option:
-    """One plugin option, set with `--metric-arg name=value` (or `--perturb-arg`)."""
+    """One plugin option, set with `--metric-arg name=value` (`--perturb-arg`, `--eval-arg`)."""
 
     name: str
     type: type
@@ -161,6 +170,10 @@ class Perturbation(Configurable):
     named `scale` and `prob`.
     """
 
+    #: True for the rule that removes a weight (sets it to what "absent" means, zero):
+    #: `--ablate-top` ablates each candidate with it.
+    removes: ClassVar[bool] = False
+
     def perturb(
         self, values: torch.Tensor, matrix: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -233,6 +246,10 @@ class Evaluator(Configurable):
         """The measures `evaluate` returns; may depend on the options (one per task, say)."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Before the model loads: check what can be checked without it (task names, files),
+        so that a mistake costs seconds, not a model load and a scoring pass. Raise EsaError."""
+
     def prepare(self, model: nn.Module, data: EvalData) -> None:
         """Once per run, before the baseline: load and check what evaluation needs."""
 
@@ -301,8 +318,10 @@ class ModelAdapter:
     """
 
     name: ClassVar[str]
-    #: `config.model_type` values this adapter claims; empty for the generic fallback.
+    #: `config.model_type` values this adapter claims.
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: True for the adapter that serves any model no other adapter claims (the generic one).
+    fallback: ClassVar[bool] = False
     #: parameter-name suffix inside a block (without `.weight`) -> canonical component.
     components: ClassVar[dict[str, str]] = {}
     #: how block indices appear in parameter names.

@@ -5,6 +5,7 @@ Flags of `esa run` match the original guide.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import signal
@@ -13,10 +14,11 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 
+from esa_core.config import LIST, OPTIONS, PAIRS, SEEDS, RunOption
 from esa_core.errors import EsaError, write_failure
 
 app = typer.Typer(
@@ -79,122 +81,24 @@ def _guard(verbose: bool) -> Iterator[None]:
         _fail(line, verbose, EXIT_FAILURE)
 
 
-@app.command("run")
-def run_command(
-    model: str | None = typer.Option(
-        None, help="Hugging Face hub id, local model folder or .gguf file. "
-        "Default: the embedded SmolLM2-135M-Instruct."),
-    metric: str = typer.Option("grad_x_weight",
-                               help="Sensitivity metric (see `esa list-plugins`)."),
-    mode: str = typer.Option("per_layer", help="per_layer: top-k in every weight matrix; "
-                             "global: top-k over the whole model."),
-    topk: int = typer.Option(100, help="Number of critical weights (per matrix in per_layer)."),
-    max_samples: int | None = typer.Option(
-        None, help="Calibration blocks per seed. Default: 200 on a GPU, 16 on a CPU."),
-    seeds: str = typer.Option("1337", help="Comma-separated data seeds, e.g. 1337,123,999."),
-    stability_check: bool = typer.Option(False, "--stability-check",
-                                         help="Compare the seeds' top-k sets (Jaccard)."),
-    dtype: str = typer.Option("auto", help="bf16, fp16, fp32 or auto (bf16 on GPU, fp32 on CPU)."),
-    save_plots: bool = typer.Option(False, "--save-plots", help="Write figures to plots/."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress and tracebacks."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final line (and "
-                               "errors): no progress, criteria or top weights."),
-    out_dir: str | None = typer.Option(
-        None, help="Result folder. Default: outputs/esa/<model>/<metric>_<mode>_k<topk>."),
-    perturb: str | None = typer.Option(None, help="Perturb the top-k: sign_flip, "
-                                          "gauss_noise, bit_flip, zero, ...; several, "
-                                          "comma-separated, are each tested (robustness)."),
-    perturb_scale: float | None = typer.Option(
-        None, help="The perturbation's `scale` option. sign_flip: w <- -scale*w (default 1); "
-        "gauss_noise: sigma = scale x std of the weight's own matrix (default 1)."),
-    perturb_prob: float | None = typer.Option(
-        None, help="The perturbation's `prob` option: bit_flip's per-bit flip probability "
-        "(default 0.05)."),
-    perturb_arg: list[str] | None = typer.Option(
-        None, help="Perturbation option key=value (repeatable; see `esa list-plugins`)."),
-    eval_task: str | None = typer.Option(
-        None, help="lm_eval evaluator: harness tasks, e.g. arc_easy,hellaswag, or a local "
-        "task's YAML file (needs esa-toolkit[tasks])."),
-    eval_limit: int | None = typer.Option(
-        None, help="lm_eval evaluator: at most N items per task, for a quick run."),
-    controls: str | None = typer.Option(None, help="Control sets: random_k,bottom_k,magnitude_k."),
-    control_repeats: int = typer.Option(0, help="Extra random_k draws for the significance test "
-                                        "(p-value resolution 1/(seeds+N+1))."),
-    dataset: str = typer.Option("wikitext2", help="wikitext2 (bundled), a .txt file, a folder "
-                                "of .txt files, or a Hugging Face dataset name."),
-    seq_len: int | None = typer.Option(None, help="Tokens per block. Default: 512 on a GPU, "
-                                          "128 on a CPU."),
-    batch_size: int | None = typer.Option(None, help="Blocks per forward/backward pass. "
-                                          "Default: 4 on a GPU, 1 on a CPU."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    device_map: str | None = typer.Option(
-        None, help="Spread the model over the GPUs (and CPU) with accelerate: auto, balanced, "
-        "balanced_low_0 or sequential; --device is then ignored for placement."),
-    eval_samples: int | None = typer.Option(
-        None, help="Held-out evaluation blocks. Default: 64 on a GPU, 16 on a CPU."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing result folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out-dir "
-                                "(same flags); finished seeds are not repeated."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
-                                           help="Allow a model's own Python code to run."),
-    adapter: str | None = typer.Option(None, help="Model adapter (default: by model_type)."),
-    include: str | None = typer.Option(None, help="Components to score, e.g. mlp.down,moe.down "
-                                          "or embed,lm_head (added to the default set)."),
-    exclude: str | None = typer.Option(None, help="Components not to score (globs allowed)."),
-    metric_arg: list[str] | None = typer.Option(None, help="Metric option key=value "
-                                                   "(repeatable)."),
-    accum_dtype: str = typer.Option("fp32", help="Score accumulator dtype: fp32 or bf16."),
-    gradient_checkpointing: bool = typer.Option(
-        False, "--gradient-checkpointing",
-        help="Recompute activations in the backward pass: less memory for long --seq-len."),
-    checkpoint: str = typer.Option(
-        "auto", help="Save the seeds' running score sum for --resume: always, never, or auto "
-        "(only when writing it is quick next to scoring a seed)."),
-    evaluator: str = typer.Option("perplexity", help="Evaluators measuring each perturbed "
-                                  "model, comma-separated; the first one's first measure is "
-                                  "judged by the criteria."),
-    ablate_top: int = typer.Option(0, help="Zero each of the N top-ranked weights alone, "
-                                   "measure, restore: ablation.csv."),
-    critical_ratio: float = typer.Option(2.0, help="A weight is critical when removing it "
-                                         "alone multiplies perplexity (the primary measure) "
-                                         "by at least this."),
-    ablate_eval_samples: int | None = typer.Option(
-        None, help="Held-out blocks per ablation. Default: 8 on a CPU, 64 on a GPU."),
-) -> None:
+def run_command(**values: Any) -> None:
     """Profile weight sensitivity, select the top-k, and write a result folder."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(values["verbose"], values["quiet"])
     from esa_core import distributed, pipeline, progress
-    from esa_core.config import RunConfig, parse_list, parse_metric_args
+    from esa_core.config import RunConfig
     from esa_core.guards import terminate_as_interrupt
 
     try:
-        with _guard(verbose), terminate_as_interrupt(), progress.shown(not quiet):
-            config = RunConfig(
-                model=model, metric=metric, mode=mode, topk=topk, max_samples=max_samples,
-                seeds=seeds, stability_check=stability_check, dtype=dtype, save_plots=save_plots,
-                verbose=verbose, out_dir=out_dir, perturb=perturb, perturb_scale=perturb_scale,
-                perturb_prob=perturb_prob,
-                perturb_args=parse_metric_args(perturb_arg, "--perturb-arg"),
-                eval_tasks=parse_list(eval_task), eval_limit=eval_limit,
-                controls=parse_list(controls),
-                control_repeats=control_repeats, dataset=dataset,
-                seq_len=seq_len, batch_size=batch_size, device=device, device_map=device_map,
-                eval_samples=eval_samples, overwrite=overwrite, resume=resume,
-                trust_remote_code=trust_remote_code, adapter=adapter,
-                include=parse_list(include), exclude=parse_list(exclude),
-                metric_args=parse_metric_args(metric_arg), accum_dtype=accum_dtype,
-                gradient_checkpointing=gradient_checkpointing, checkpoint=checkpoint,
-                evaluator=parse_list(evaluator), ablate_top=ablate_top,
-                critical_ratio=critical_ratio, ablate_eval_samples=ablate_eval_samples,
-            )
-            result = pipeline.run(config, argv=["esa", *sys.argv[1:]])
+        with (_guard(values["verbose"]), terminate_as_interrupt(),
+              progress.shown(not values["quiet"])):
+            result = pipeline.run(RunConfig(**values), argv=["esa", *sys.argv[1:]])
     except KeyboardInterrupt as exc:
         typer.echo("Interrupted: the result folder's manifest says which stage completed; "
                    f"run the same command with --resume to continue.{_last_words(exc)}",
                    err=True)
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     if distributed.is_main():
-        if not quiet:
+        if not values["quiet"]:
             from esa_core.criteria import table
             from esa_core.report import findings
 
@@ -204,6 +108,28 @@ def run_command(
             typer.echo(top_weights_text(result.out_dir / "top_weights.csv"))
         typer.echo(f"Results written to {result.out_dir}; the report is "
                    f"{result.out_dir / 'report.html'}")
+
+
+def _cli_parameter(opt: RunOption) -> inspect.Parameter:
+    """One `esa run` flag, as Typer reads it from a signature, from the option's declaration."""
+    cli_type: Any = {LIST: str, SEEDS: str, PAIRS: list[str]}.get(opt.written, opt.type)
+    default = opt.default
+    if opt.written in (LIST, SEEDS) and default is not None:
+        default = ",".join(map(str, default)) or None
+    if opt.written == PAIRS or opt.by_device:
+        default = None
+    names = [opt.spelling, *([opt.short] if opt.short else [])]  # a switch has no --no-x
+    text = opt.help + (f" Default: {opt.describe_default()}." if opt.by_device else "")
+    text = text.replace("[", "\\[")  # rich would read `[tasks]` as markup
+    shown = default is not None and default is not False
+    return inspect.Parameter(
+        opt.name, inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(default, *names, help=text, show_default=shown),
+        annotation=cli_type if default is not None else cli_type | None)
+
+
+run_command.__signature__ = inspect.Signature([_cli_parameter(o) for o in OPTIONS])
+app.command("run")(run_command)
 
 
 def top_weights_text(csv_path: Path, count: int = 5) -> str:

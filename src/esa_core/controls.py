@@ -21,7 +21,7 @@ from torch import nn
 
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError, unknown_choice
-from esa_core.layout import CONTROLS
+from esa_core.layout import BOTTOM_K, CONTROLS, MAGNITUDE_K, RANDOM_K
 from esa_core.selection import Picks, Selection, select
 
 # Most random integers one rejection round draws (keeps a round's memory small on any model).
@@ -165,11 +165,11 @@ def control_set(name: str, super_set: Selection, index: WeightIndex,
                 scores: Mapping[str, torch.Tensor], k: int, mode: str,
                 generator: torch.Generator) -> Selection:
     """The control set `name` for `super_set` (k per matrix in per_layer, k in total in global)."""
-    if name == "random_k":
+    if name == RANDOM_K:
         return random_k(super_set, index, scores, mode, generator)
-    if name == "bottom_k":
+    if name == BOTTOM_K:
         return select(scores, index.matrices, k, mode, largest=False)
-    if name == "magnitude_k":
+    if name == MAGNITUDE_K:
         return select(Magnitudes(index.params), index.matrices, k, mode)
     raise unknown_choice("control", name, CONTROLS)
 

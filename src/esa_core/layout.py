@@ -24,6 +24,8 @@ CONTROL_ANALYSIS = "control_analysis.json"
 ABLATION = "ablation.csv"
 REPORT = "report.html"
 PLOTS = "plots"  # the folder of the figures below
+ERROR_LOG = "error.log"  # only after an unexpected failure: its traceback
+CHECKPOINTS = "checkpoints"  # only while a run is unfinished: the units --resume reuses
 FIGURES = ("sensitivity_heatmap.png", "weight_distribution.png", "stability_analysis.png",
            "perturbation_effects.png", "ablation.png")
 CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
@@ -40,12 +42,16 @@ COMPONENTS = (
     "moe.router", "moe.gate", "moe.up", "moe.down",
     "embed", "lm_head", "other",
 )
+#: --mode: top-k in every weight matrix, or over the whole model
+MODES = ("per_layer", "global")
 #: the perturbed top-k set, then the control sets of the same size
 SUPER = "super_weights"
-CONTROLS = ("random_k", "bottom_k", "magnitude_k")
+RANDOM_K, BOTTOM_K, MAGNITUDE_K = "random_k", "bottom_k", "magnitude_k"
+CONTROLS = (RANDOM_K, BOTTOM_K, MAGNITUDE_K)
+RANDOM_K_REPEATS = "random_k_repeats"  # --control-repeats: the extra random_k draws
 CONDITIONS = (SUPER, *CONTROLS)
-CONDITION_LABELS = {SUPER: "super (top-k)", "random_k": "random-k", "bottom_k": "bottom-k",
-                    "magnitude_k": "magnitude-k"}
+CONDITION_LABELS = {SUPER: "super (top-k)", RANDOM_K: "random-k", BOTTOM_K: "bottom-k",
+                    MAGNITUDE_K: "magnitude-k"}
 
 
 def read_json(path: str | Path) -> Any:

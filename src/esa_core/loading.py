@@ -254,3 +254,18 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
         raise EsaError(f"'{source.model_id}' is a {config.model_type} model, not a causal "
                        "language model (transformers has no AutoModelForCausalLM for it).")
     return config
+
+
+def empty_model(config, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model's structure without its weights (on the meta device: no memory, no reading),
+    so that what depends only on shapes is checked before the load; None when it cannot be
+    built that way (some remote code), and the checks then wait for the real model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # the real load names any real problem
+        log.info("could not build %s on the meta device (%s); shape checks wait for the load",
+                 getattr(config, "model_type", "the model"), exc)
+        return None

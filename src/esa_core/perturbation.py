@@ -24,7 +24,13 @@ from esa_core.api import EvalData, Evaluator, LogicalMatrix, Measure, Perturbati
 from esa_core.controls import WeightIndex, control_set, overlap
 from esa_core.errors import PluginFailure
 from esa_core.guards import plugin_call
-from esa_core.layout import CONTROL_ANALYSIS, PERTURBATION_RESULTS, SUPER
+from esa_core.layout import (
+    CONTROL_ANALYSIS,
+    PERTURBATION_RESULTS,
+    RANDOM_K,
+    RANDOM_K_REPEATS,
+    SUPER,
+)
 from esa_core.results import write_json
 from esa_core.resume import Checkpoints
 from esa_core.selection import Selection
@@ -208,7 +214,7 @@ class Study:
             for seed in self.seeds:
                 if name == SUPER:
                     selection = self.super_set
-                elif selection is None or name == "random_k":  # only random_k varies by seed
+                elif selection is None or name == RANDOM_K:  # only random_k varies by seed
                     selection = self.control(name, index, generator_for(seed, name))
                 trial = self.trial(selection, seed, name, baseline)
                 if name != SUPER:
@@ -219,10 +225,10 @@ class Study:
             repeats = []
             for r in range(control_repeats):
                 seed = self.seeds[r % len(self.seeds)]
-                selection = self.control("random_k", index,
-                                         generator_for(seed, f"random_k/repeat{r}"))
-                repeats.append(self.trial(selection, seed, f"random_k repeat {r}", baseline))
-            results["random_k_repeats"] = repeats
+                selection = self.control(RANDOM_K, index,
+                                         generator_for(seed, f"{RANDOM_K}/repeat{r}"))
+                repeats.append(self.trial(selection, seed, f"{RANDOM_K} repeat {r}", baseline))
+            results[RANDOM_K_REPEATS] = repeats
         return results
 
 

@@ -34,7 +34,7 @@ from esa_core import (
     stability,
 )
 from esa_core.api import EvalData, Evaluator, Metric, ModelAdapter, Perturbation, ScoredParam
-from esa_core.config import RunConfig
+from esa_core.config import Plugins, RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
 from esa_core.guards import out_of_memory_help, plugin_call
@@ -50,6 +50,7 @@ from esa_core.results import (
 )
 from esa_core.resume import (
     Checkpoints,
+    check_disk_room,
     resumable_manifest,
     resume_record,
     selection_from,
@@ -61,7 +62,7 @@ from esa_core.stats import sensitivity_stats
 from esa_core.totals import RunningTotal, running_total_device
 
 log = logging.getLogger(__name__)
-GENERIC_ADAPTER = "generic"
+ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --accum-dtype
 @dataclass
 class RunResult:
     """What a finished run produced: its folder, manifest, selection and statistics."""
@@ -109,16 +110,6 @@ class Stages:
 
     def total(self) -> float:
         return round(time.perf_counter() - self._start, 3)
-
-
-def choose_adapter(registry: Registry, model_type: str, requested: str | None) -> ModelAdapter:
-    """The adapter named by --adapter, else the one claiming `model_type`, else the generic one."""
-    if requested:
-        return registry.get("model adapter", requested)()
-    for cls in registry.model_adapters.values():
-        if model_type in getattr(cls, "model_types", ()):
-            return cls()
-    return registry.get("model adapter", GENERIC_ADAPTER)()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -169,7 +160,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     """
     registry = registry or default_registry()
     config = config or RunConfig(**settings)
-    config.validate(registry)
+    plugins = config.build(registry)
     stages = Stages()
     started_at = now()
     source = loading.resolve(config.model)
@@ -181,29 +172,27 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     if out_dir.is_dir():
         lock.acquire()  # refuse at once, not after loading, if another process writes here
     previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
-    metric: Metric = registry.get("metric", config.metric)(**config.metric_args)
-    rules: list[Perturbation] = [
-        cls(**config.perturbation_options(cls))
-        for cls in (registry.get("perturbation", name) for name in config.perturb_types())]
+    metric: Metric = plugins.metric
+    rules: list[Perturbation] = plugins.perturbations
 
     with stages.stage("load"):
         model_config = loading.load_config(source, config.trust_remote_code)
-        adapter = choose_adapter(registry, model_config.model_type, config.adapter)
+        adapter: ModelAdapter = registry.adapter_for(model_config.model_type, config.adapter)()
+        context = getattr(model_config, "max_position_embeddings", None)
+        if context and config.seq_len > context:
+            raise EsaError(f"--seq-len {config.seq_len} exceeds the model's context ({context}).")
+        include = config.include or metric.components or ()
+        empty = loading.empty_model(model_config, config.trust_remote_code)
+        if empty is not None:  # every check that needs only the shapes, before the weights load
+            _check_scored(config, source, adapter,
+                          adapter.scored_params(empty, include, config.exclude), out_dir)
         dtype = loading.pick_dtype(config.dtype, device)
         model, tokenizer = adapter.load(source, dtype, device,
                                         trust_remote_code=config.trust_remote_code,
                                         device_map=config.device_map)
-        include = config.include or metric.components or ()
         scored = adapter.scored_params(model, include, config.exclude)
-        if not scored:
-            raise EsaError(f"no weights to score in {source.model_id} with adapter "
-                           f"'{adapter.name}' and the given --include/--exclude.")
-        check_topk(config.topk, config.mode,
-                   [matrix_size(m, s.param.shape) for s in scored for m in s.matrices])
+        _check_scored(config, source, adapter, scored)
     with stages.stage("data"):
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context and config.seq_len > context:
-            raise EsaError(f"--seq-len {config.seq_len} exceeds the model's context ({context}).")
         tokens = data.tokenize(data.read_texts(config.dataset), tokenizer, config.seq_len,
                                config.eval_samples)
         for seed in config.seeds:
@@ -221,7 +210,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     else:
         checkpoints.clear()  # a fresh (or --overwrite) run never reuses another run's units
     manifest = _manifest(config, argv, source, model, model_config, adapter, scored, tokens,
-                         device, dtype, registry, started_at)
+                         device, dtype, registry, plugins, started_at)
     manifest["metric"] = {"name": metric.name, "options": metric.settings,
                           "components": sorted({m.component for s in scored for m in s.matrices})}
     if rules:
@@ -257,7 +246,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                                         analysis.hierarchy_row(stats["hierarchy"])]
         if config.perturb or config.ablate_top:
             eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
-            evaluators = build_evaluators(config, registry, model, eval_data)
+            evaluators = prepared(plugins.evaluators, model, eval_data)
         if config.perturb:
             with stages.stage("evaluation"):
                 manifest["success_criteria"] += perturbation.run_stage(
@@ -268,9 +257,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         if config.ablate_top:
             with stages.stage("ablation"):
                 study = ablation.make_study(
-                    model, params, evaluators, eval_data,
-                    registry.get("perturbation", ablation.ZERO)(), config.ablate_eval_samples,
-                    checkpoints)
+                    model, params, evaluators, eval_data, plugins.remover,
+                    config.ablate_eval_samples, checkpoints)
                 manifest["ablation"] = ablation.run(
                     study, selection, top_rows, config.ablate_top,
                     config.critical_ratio, out_dir)
@@ -319,17 +307,25 @@ def _by_pointer(matrices, params) -> dict[int, Any]:
     return found
 
 
-def build_evaluators(config: RunConfig, registry: Registry, model: torch.nn.Module,
-                     data: EvalData) -> list[Evaluator]:
-    """The --evaluator plugins, each prepared once; their measure names must not collide."""
-    evaluators: list[Evaluator] = [
-        cls(**config.evaluator_options(cls))
-        for cls in (registry.get("evaluator", name) for name in config.evaluator)]
-    names = [n for m in perturbation.measures_of(evaluators) for n in (m.name, m.change_name)]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise EsaError(f"--evaluator {','.join(config.evaluator)}: two measures share the "
-                       f"name '{repeated[0]}'.")
+def _check_scored(config: RunConfig, source: loading.ModelSource, adapter: ModelAdapter,
+                  scored: list[ScoredParam], out_dir: Path | None = None) -> None:
+    """Something to score, a top-k the matrices can supply, and (given `out_dir`) room on the
+    disk for the result files and the score sum that --checkpoint would save."""
+    if not scored:
+        raise EsaError(f"no weights to score in {source.model_id} with adapter "
+                       f"'{adapter.name}' and the given --include/--exclude.")
+    sizes = [matrix_size(m, s.param.shape) for s in scored for m in s.matrices]
+    check_topk(config.topk, config.mode, sizes)
+    if out_dir is not None and distributed.is_main():
+        rows = config.topk * (len(sizes) if config.mode == "per_layer" else 1)
+        accum = torch.finfo(ACCUM_DTYPES[config.accum_dtype]).bits // 8
+        check_disk_room(out_dir, config.checkpoint, sum(s.param.numel() for s in scored) * accum,
+                        rows + config.ablate_top)
+
+
+def prepared(evaluators: list[Evaluator], model: torch.nn.Module,
+             data: EvalData) -> list[Evaluator]:
+    """The --evaluator plugins (built and checked before the model loaded), each prepared once."""
     for evaluator in evaluators:
         plugin_call(f"evaluator '{evaluator.name}' failed to prepare", evaluator.prepare,
                     model, data)
@@ -347,7 +343,7 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
     seed scores), so `--resume` continues with the next seed and sums in the same order: the
     result is bit-identical to an uninterrupted run's.
     """
-    accum = {"fp32": torch.float32, "bf16": torch.bfloat16}[config.accum_dtype]
+    accum = ACCUM_DTYPES[config.accum_dtype]
     scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size,
                          gradient_checkpointing=config.gradient_checkpointing)
     matrices = [m for s in scored for m in s.matrices]
@@ -402,13 +398,13 @@ def _restored(checkpoints: Checkpoints, seeds: list[int], matrices, devices,
 
 
 def _manifest(config, argv, source, model, model_config, adapter, scored, tokens, device, dtype,
-              registry: Registry, started_at: str) -> dict[str, Any]:
+              registry: Registry, plugins: Plugins, started_at: str) -> dict[str, Any]:
     used = {("metric", config.metric), ("model adapter", adapter.name)}
-    used |= {("perturbation", name) for name in config.perturb_types()}
-    if config.ablate_top:
-        used.add(("perturbation", ablation.ZERO))
+    used |= {("perturbation", rule.name) for rule in plugins.perturbations}
+    if plugins.remover is not None:
+        used.add(("perturbation", plugins.remover.name))
     if config.perturb or config.ablate_top:
-        used |= {("evaluator", name) for name in config.evaluator}
+        used |= {("evaluator", e.name) for e in plugins.evaluators}
     plugins = [
         {"kind": e.kind, "name": e.name, "distribution": e.distribution, "version": e.version}
         for e in registry.entries if (e.kind, e.name) in used

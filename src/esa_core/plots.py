@@ -21,7 +21,14 @@ from matplotlib import patheffects, rc_context, ticker
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from esa_core.layout import COMPONENTS, CONDITION_LABELS, FIGURES, RunFiles
+from esa_core.layout import (
+    COMPONENTS,
+    CONDITION_LABELS,
+    FIGURES,
+    RANDOM_K,
+    RANDOM_K_REPEATS,
+    RunFiles,
+)
 from esa_core.results import atomic_write_bytes
 
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
@@ -492,10 +499,10 @@ def _condition_panel(ax, p: dict, names: list[str], key: str, unit: float) -> No
 
 def _noise_band(p: dict, key: str, unit: float) -> tuple[float, float, int] | None:
     """What perturbing k random weights does across draws: the floor a real effect must clear."""
-    if not isinstance(p.get("random_k"), dict):
+    if not isinstance(p.get(RANDOM_K), dict):
         return None
-    draws = _seed_values(p["random_k"], key, unit) + [
-        None if t.get(key) is None else unit * t[key] for t in p.get("random_k_repeats", [])]
+    draws = _seed_values(p[RANDOM_K], key, unit) + [
+        None if t.get(key) is None else unit * t[key] for t in p.get(RANDOM_K_REPEATS, [])]
     draws = [v for v in draws if v is not None and math.isfinite(v)]
     if not draws:
         return None

@@ -68,9 +68,30 @@ class Registry:
     def model_adapters(self) -> dict[str, type]:
         return self.of_kind("model adapter")
 
-    @property
-    def evaluators(self) -> dict[str, type]:
-        return self.of_kind("evaluator")
+    def adapter_for(self, model_type: str, requested: str | None = None) -> type:
+        """The adapter named by --adapter, else the one claiming `model_type`, else the
+        fallback (an adapter declaring `fallback = True`, e.g. the generic one)."""
+        if requested:
+            return self.get("model adapter", requested)
+        adapters = self.model_adapters
+        for cls in adapters.values():
+            if model_type in cls.model_types:
+                return cls
+        fallbacks = sorted(name for name, cls in adapters.items() if cls.fallback)
+        if not fallbacks:
+            raise EsaError(f"no model adapter claims model_type '{model_type}' and none is "
+                           "installed as the fallback: pass --adapter (see `esa list-plugins`).")
+        return adapters[fallbacks[0]]
+
+    def remover(self) -> type:
+        """The perturbation that removes a weight (declares `removes = True`): --ablate-top's
+        rule."""
+        found = sorted(name for name, cls in self.of_kind("perturbation").items()
+                       if cls.removes)
+        if not found:
+            raise EsaError("--ablate-top needs a perturbation that removes a weight (one that "
+                           "declares `removes = True`), and none is installed.")
+        return self.get("perturbation", found[0])
 
 
 def check_plugin_class(kind: str, cls: type) -> None:

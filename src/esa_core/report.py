@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from esa_core.layout import FIGURES, PLOTS, REPORT, RunFiles
+from esa_core.layout import CONDITIONS, FIGURES, PLOTS, REPORT, RunFiles
 from esa_core.plots import Figures, perturbation_sections, render
 from esa_core.results import atomic_write_text
 
@@ -157,7 +157,7 @@ def _results(run: RunFiles) -> str:
         measures = p.get("measures", [])
         base = p.get("baseline", {})
         rows = [["baseline"] + [v for m in measures for v in (base.get(m["name"]), None)]]
-        for name in ("super_weights", "random_k", "bottom_k", "magnitude_k"):
+        for name in CONDITIONS:
             if isinstance(p.get(name), dict):
                 c = p[name]
                 rows.append([name] + [v for m in measures

@@ -27,16 +27,14 @@ import torch
 
 from esa_core import distributed
 from esa_core.api import LogicalMatrix
+from esa_core.config import DEFAULTS, NOT_RESULTS
 from esa_core.errors import EsaError
-from esa_core.layout import MANIFEST, read_json
+from esa_core.layout import CHECKPOINTS, MANIFEST, read_json
 from esa_core.results import atomic_path, restore_nonfinite, write_json
 from esa_core.selection import Picks, Selection
 
 log = logging.getLogger(__name__)
 
-#: settings that say where and how verbosely to write, not what is computed
-RESUME_IGNORES = ("out_dir", "overwrite", "resume", "verbose", "checkpoint")
-FOLDER = "checkpoints"
 #: --checkpoint auto's guess of the disk's write speed until a model-sized write measures it
 ASSUMED_DISK_BYTES_PER_S = 200e6
 #: --checkpoint auto writes when writing takes at most this share of the time it saves
@@ -46,8 +44,10 @@ FREE_SPACE_MARGIN = 64 << 20
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide a run's numbers, in their JSON form (as the manifest has them)."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUME_IGNORES}))
+    """The settings that decide a run's numbers (those declared `results=True`), in their JSON
+    form as the manifest has them; one an older manifest lacks counts as its declared default."""
+    return json.loads(json.dumps({k: v for k, v in {**DEFAULTS, **config}.items()
+                                  if k not in NOT_RESULTS}))
 
 
 def fingerprint(config: dict[str, Any]) -> str:
@@ -93,6 +93,33 @@ def resume_record(previous: dict[str, Any], at: str) -> dict[str, Any]:
             "resumed": [*previous.get("resumed", []), entry]}
 
 
+#: what the result files take beside top_weights.csv's rows: JSON, report, figures
+RESULT_FILES_BYTES = 32 << 20
+CSV_ROW_BYTES = 200
+
+
+def check_disk_room(out_dir: Path, policy: str, score_sum_bytes: int, csv_rows: int) -> None:
+    """Refuse, before the model loads, a run whose files cannot fit on the disk: the result
+    files, and the seeds' score sum when `--checkpoint always` will save it (`auto` warns, as
+    it then skips that checkpoint, and goes on)."""
+    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free + folder_bytes(out_dir / CHECKPOINTS)
+    results = RESULT_FILES_BYTES + csv_rows * CSV_ROW_BYTES
+    where = f"{existing} has {human_bytes(free)} free"
+    if free < results:
+        raise EsaError(f"the result files need about {human_bytes(results)} and {where}. Free "
+                       "some space or choose another --out-dir.")
+    if policy == "never" or free >= results + score_sum_bytes + FREE_SPACE_MARGIN:
+        return
+    need = (f"the score sum that --checkpoint {policy} saves for --resume needs "
+            f"{human_bytes(score_sum_bytes)} beside the results, and {where}")
+    if policy == "always":
+        raise EsaError(f"{need}. Free some space, choose another --out-dir, or pass "
+                       "--checkpoint auto or never.")
+    log.warning("%s: the run goes on, but it will not save the score sum, so --resume "
+                "would score the seeds again.", need)
+
+
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -118,7 +145,7 @@ class Checkpoints:
     """
 
     def __init__(self, out_dir: Path, config: dict[str, Any], policy: str = "always") -> None:
-        self.folder = out_dir / FOLDER
+        self.folder = out_dir / CHECKPOINTS
         self.fingerprint = fingerprint(config)
         self.policy = policy
         self.disk_bytes_per_s = ASSUMED_DISK_BYTES_PER_S

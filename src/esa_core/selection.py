@@ -13,8 +13,7 @@ import torch
 
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError
-
-MODES = ("per_layer", "global")
+from esa_core.layout import MODES
 
 
 @dataclass

@@ -12,7 +12,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-ERROR_LOG = "error.log"
+from esa_core.layout import ERROR_LOG
 
 
 def write_log(exc: BaseException) -> Path:

@@ -9,8 +9,11 @@ extra (`pip install esa-toolkit[tasks]`), imported only when this evaluator is u
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,11 @@ from typing import Any
 from torch import nn
 
 from esa_core.api import DIFFERENCE, EvalData, Evaluator, Measure, Option
-from esa_core.errors import EsaError
+from esa_core.errors import EsaError, closest
 
 METRIC = "acc"  # the harness's accuracy: the highest-loglikelihood choice is the right one
 EXTRA = "pip install 'esa-toolkit[tasks]'"
+log = logging.getLogger(__name__)
 
 
 def task_name(spec: str) -> str:
@@ -58,6 +62,51 @@ class LmEval(Evaluator):
             raise EsaError(f"the lm_eval evaluator needs lm-evaluation-harness: {EXTRA}.")
         self.names = [task_name(spec) for spec in self.specs]
         self._tasks: dict[str, Any] | None = None
+        self._manager: Any = None
+
+    def task_manager(self) -> Any:
+        """The harness's index of its task files (built once: it reads no task data)."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
+
+            if not logging.getLogger("esa_core").isEnabledFor(logging.INFO):  # unless --verbose
+                logging.getLogger("lm_eval").setLevel(logging.ERROR)
+            self._manager = TaskManager()
+        return self._manager
+
+    def known_tasks(self) -> set[str]:
+        """Every name the harness can load (tasks, groups, tags). Its index parses ~14,000
+        YAML files (33 s on 2 busy cores), so it is built once per harness version and kept
+        in ESA's cache; a refused run then takes a second."""
+        from esa_core.api import cache_dir
+
+        path = cache_dir() / f"lm_eval-{importlib.metadata.version('lm_eval')}-tasks.json"
+        try:
+            return set(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
+        names = sorted(self.task_manager().all_tasks)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(names), encoding="utf-8")
+            temporary.replace(path)
+        except OSError as exc:  # a read-only cache costs time, not the run
+            log.info("could not cache lm_eval's task index in %s: %s", path, exc)
+        return set(names)
+
+    def check(self) -> None:
+        """Every named task is one the harness knows (offline: its index, not its data)."""
+        named = [spec for spec in self.specs if Path(spec).suffix not in (".yaml", ".yml")]
+        if not named:
+            return
+        known = self.known_tasks()
+        for spec in named:
+            if spec not in known:
+                hint = closest(spec, known)
+                raise EsaError(f"lm_eval knows no task '{spec}'"
+                               f"{f' (did you mean {hint!r}?)' if hint else ''}; "
+                               "see `lm-eval ls tasks`.")
 
     def measures(self) -> tuple[Measure, ...]:
         return tuple(
@@ -67,11 +116,7 @@ class LmEval(Evaluator):
 
     def prepare(self, model: nn.Module, data: EvalData) -> None:
         """Load every task's data once (from the cache when offline), and check it has `acc`."""
-        from lm_eval.tasks import TaskManager
-
-        if not logging.getLogger("esa_core").isEnabledFor(logging.INFO):  # unless --verbose
-            logging.getLogger("lm_eval").setLevel(logging.ERROR)
-        manager = TaskManager()
+        manager = self.task_manager()
         tasks: dict[str, Any] = {}
         for spec, name in zip(self.specs, self.names):
             try:

@@ -28,6 +28,7 @@ class GenericAdapter(ModelAdapter):
     """Fallback for any causal LM: the blocks' weights (per expert if 3-D), `other` when unsure."""
 
     name = "generic"
+    fallback = True
 
     def component_of(self, name: str, model: nn.Module) -> str | None:
         match = self.layer_pattern.search(name)

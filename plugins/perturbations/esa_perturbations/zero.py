@@ -11,6 +11,7 @@ class Zero(Perturbation):
     """w <- 0: remove the weight (no options)."""
 
     name = "zero"
+    removes = True
 
     def perturb(self, values, matrix, generator):
         return torch.zeros_like(values), {}

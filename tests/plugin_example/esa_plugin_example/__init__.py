@@ -30,9 +30,11 @@ class Top5(Evaluator):
     """Top-5 next-token accuracy on the held-out blocks."""
 
     name = "top5"
+    options = (Option("k", int, 5, "how many guesses count (--eval-arg k=10)"),)
 
     def measures(self):
-        return (Measure("top5_accuracy", "top5_accuracy_drop", higher_is_better=True,
+        k = self.settings["k"]
+        return (Measure(f"top{k}_accuracy", f"top{k}_accuracy_drop", higher_is_better=True,
                         change=DIFFERENCE),)
 
     @torch.no_grad()
@@ -42,10 +44,11 @@ class Top5(Evaluator):
         for batch in data.blocks.split(data.batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch).logits[:, :-1]
-            top5 = logits.topk(5, dim=-1).indices
-            hits += int((top5 == batch[:, 1:, None]).any(-1).sum())
+            guesses = logits.topk(self.settings["k"], dim=-1).indices
+            hits += int((guesses == batch[:, 1:, None]).any(-1).sum())
             total += batch[:, 1:].numel()
-        return {"top5_accuracy": hits / total}
+        [measure] = self.measures()
+        return {measure.name: hits / total}
 
 
 @hookimpl
