@@ -137,7 +137,8 @@ def weight_histogram(weights: Iterable[torch.Tensor]) -> dict:
             above += int((logs > high).sum())
             total += logs.numel()
             inside = logs[(logs >= low) & (logs <= high)]
-            bins = ((inside - low) * (WEIGHT_BINS / (high - low))).long().clamp_(max=WEIGHT_BINS - 1)
+            bins = ((inside - low) * (WEIGHT_BINS / (high - low))).long()
+            bins.clamp_(max=WEIGHT_BINS - 1)  # `high` itself: the last bin, as in torch.histc
             counts += torch.bincount(bins, minlength=WEIGHT_BINS).cpu()
     edges = torch.logspace(low, high, WEIGHT_BINS + 1, dtype=torch.float64)
     return {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
