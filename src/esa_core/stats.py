@@ -122,27 +122,24 @@ def ccdf(top: torch.Tensor, sample: torch.Tensor, count: int) -> dict:
 
 
 def weight_histogram(weights: Iterable[torch.Tensor]) -> dict:
-    """Counts of |w| in log-spaced bins, streamed matrix by matrix and chunk by chunk.
+    """Counts of |w| in log-spaced bins [e_i, e_i+1), streamed matrix by matrix, chunk by chunk.
 
-    Counts are int64 (torch.histc counts in float32, which stops adding 1 at 2^24 in a bin).
-    A value on an inner edge goes to the bin above it; `high` itself to the last bin.
+    Each |w| is placed by binary search among the edges (no log10 of every weight), and counted
+    in int64 (torch.histc counts in float32, which stops adding 1 at 2^24 in a bin).
     """
     low, high = WEIGHT_LOG10_RANGE
-    counts = torch.zeros(WEIGHT_BINS, dtype=torch.int64)
-    below = above = total = 0
-    for w in weights:
-        for chunk in w.detach().reshape(-1).split(HISTOGRAM_CHUNK):
-            logs = torch.log10(chunk.float().abs())
-            below += int((logs < low).sum())
-            above += int((logs > high).sum())
-            total += logs.numel()
-            inside = logs[(logs >= low) & (logs <= high)]
-            bins = ((inside - low) * (WEIGHT_BINS / (high - low))).long()
-            bins.clamp_(max=WEIGHT_BINS - 1)  # `high` itself: the last bin, as in torch.histc
-            counts += torch.bincount(bins, minlength=WEIGHT_BINS).cpu()
     edges = torch.logspace(low, high, WEIGHT_BINS + 1, dtype=torch.float64)
-    return {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
-            "below": below, "above": above, "count": total}
+    # slot 0: below e_0; slots 1..WEIGHT_BINS: the bins; the last slot: at or above the top edge
+    counts = torch.zeros(WEIGHT_BINS + 2, dtype=torch.int64)
+    total = 0
+    for w in weights:
+        cuts = edges.to(w.device, torch.float32)
+        for chunk in w.detach().reshape(-1).split(HISTOGRAM_CHUNK):
+            slots = torch.bucketize(chunk.float().abs(), cuts, right=True)
+            counts += torch.bincount(slots, minlength=WEIGHT_BINS + 2).cpu()
+            total += chunk.numel()
+    return {"bin_edges": edges.tolist(), "counts": counts[1:-1].tolist(),
+            "below": int(counts[0]), "above": int(counts[-1]), "count": total}
 
 
 def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict, topk: int) -> dict:
