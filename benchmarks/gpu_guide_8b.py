@@ -14,6 +14,8 @@ no download is needed. It is saved as a model folder with the embedded SmolLM2 t
    plots) through `esa_core.run`, as `esa run` calls it;
 3. the guide's Phase-3 command (the same plus sign_flip against random_k and bottom_k).
 
+`--mode global` runs both with a global top-100 instead of per_layer.
+
 Each step appends a row to benchmarks/RESULTS.md: wall seconds per stage (the manifest's
 timings), peak memory (CUDA: torch's peak allocated bytes; CPU: the process's peak resident set)
 and bytes the process wrote (/proc/self/io wchar: result files, checkpoints, the model folder).
@@ -44,7 +46,7 @@ SEEDS = "1337,123,999"
 PHASE_1 = dict(metric="grad_x_weight", mode="per_layer", topk=100, seeds=SEEDS,
                stability_check=True, save_plots=True, verbose=True)
 PHASE_3 = dict(PHASE_1, perturb="sign_flip", perturb_scale=1.0, controls=["random_k", "bottom_k"])
-GUIDE_RUNS = {"phase1": ("Phase 1: grad_x_weight per_layer top-100, 3 seeds, stability, plots",
+GUIDE_RUNS = {"phase1": ("Phase 1: grad_x_weight {mode} top-100, 3 seeds, stability, plots",
                          PHASE_1),
               "phase3": ("Phase 3: Phase 1 + sign_flip against random_k, bottom_k", PHASE_3)}
 HEADER = ("| date | device | shape | step | wall s per stage | total s | peak memory GB | "
@@ -144,7 +146,8 @@ def guide_run(name: str, settings: dict, folder: Path, args) -> tuple[dict, Step
         result = esa_core.run(model=str(folder), out_dir=str(out_dir), overwrite=True,
                               device=args.device, max_samples=args.max_samples,
                               seq_len=args.seq_len, eval_samples=args.eval_samples,
-                              batch_size=args.batch_size, dtype=args.dtype, **settings)
+                              batch_size=args.batch_size, dtype=args.dtype,
+                              **{**settings, "mode": args.mode})
     return result.manifest, step
 
 
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--mode", choices=("per_layer", "global"), default="per_layer",
+                        help="the guide's per_layer, or global top-k")
     parser.add_argument("--steps", default="plain,phase1,phase3",
                         help="which steps to run, comma-separated")
     parser.add_argument("--work", default="outputs/gpu_guide_8b",
@@ -212,6 +217,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, (label, settings) in GUIDE_RUNS.items():
             if name in steps:
                 manifest, step = guide_run(name, settings, folder, args)
+                label = label.format(mode=args.mode)
+                if args.mode != "per_layer":
+                    label = label.replace("Phase 1 +", f"Phase 1 ({args.mode}) +")
                 rows.append(row(args, label, manifest["timings"], step))
     finally:
         shutil.rmtree(args.work, ignore_errors=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from esa_core.analysis import damage
 from esa_core.api import RELATIVE, EvalData, Evaluator, Measure, Perturbation
+from esa_core.indices import evenly_spaced
 from esa_core.layout import ABLATION, CSV_COLUMNS
 from esa_core.perturbation import Study, changes, generator_for, perturbed
 from esa_core.results import write_csv
@@ -53,7 +54,7 @@ def ablation_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     """`n` of the held-out blocks, spread evenly over them (all of them when n >= len)."""
     if n >= len(blocks):
         return blocks
-    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
+    return blocks[evenly_spaced(len(blocks), n)]
 
 
 def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]], n: int,

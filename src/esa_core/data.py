@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from esa_core.errors import EsaError
+from esa_core.indices import evenly_spaced
 
 BUNDLED = "wikitext2"
 HELD_OUT_FRACTION = 10  # one block in ten (the last tenth) of a single text is held out
@@ -155,6 +156,5 @@ def tokenize(texts: Texts, tokenizer, seq_len: int, eval_samples: int) -> TokenD
         )
     if eval_samples > 0 and eval_samples < len(evaluation):
         # evenly spaced over the held-out text: every run evaluates on the same blocks
-        picks = torch.linspace(0, len(evaluation) - 1, eval_samples).round().long()
-        evaluation = evaluation[picks]
+        evaluation = evaluation[evenly_spaced(len(evaluation), eval_samples)]
     return TokenData(texts.source, texts.sha256, seq_len, calibration, evaluation)

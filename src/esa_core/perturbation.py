@@ -42,16 +42,25 @@ class RestoreError(RuntimeError):
     """The touched weights did not return bit-exactly: the model can no longer be trusted."""
 
 
-INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def checksum(params: Sequence[nn.Parameter]) -> list[int]:
-    """Integer sum of each parameter's bit patterns, computed where it lives (no host copy).
+    """Sum of each parameter's stored bytes read as 64-bit words (wrapping), computed where it
+    lives (no host copy); any one changed word changes it.
 
     Taken over whole parameters, it also catches a perturbation that wrote outside its set.
+    The words are read in place: summing fp32 bit patterns as int32 with an int64 result
+    first made an int64 copy of each parameter (1.5 s for one 58.7M-weight matrix on a CPU,
+    against 0.05 s for the words), the bulk of an 8B-width perturbation stage.
     """
-    return [int(p.detach().view(INT_VIEW[p.element_size()]).sum(dtype=torch.int64))
-            for p in params]
+    return [_word_sum(_flat(p).view(torch.uint8)) for p in params]
+
+
+def _word_sum(data: torch.Tensor) -> int:
+    """Bytes summed as int64 words, those outside the 8-byte-aligned middle one by one."""
+    head = -data.storage_offset() % 8
+    middle = max(data.numel() - head, 0) // 8 * 8
+    words = data[head:head + middle].view(torch.int64)
+    ends = torch.cat([data[:head], data[head + middle:]]).sum(dtype=torch.int64)
+    return int(words.sum()) + int(ends)
 
 
 def _flat(param: nn.Parameter) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 Global ranking merges each matrix's own top-k candidates: the global top-k is always inside the
 union of per-matrix top-k sets, so no tensor of all the model's scores is ever built or sorted.
+Within a large matrix, `top_k` first keeps the few candidates past a cut read from a sample:
+torch's CPU topk walks a 58.7M-element matrix (one MLP matrix of an 8B model) for seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError
 from esa_core.layout import MODES
+
+#: top_k reads its cut from this many scores, and uses the cut above DIRECT_TOPK elements
+CUT_SAMPLE, DIRECT_TOPK = 1 << 16, 1 << 20
 
 
 @dataclass
@@ -56,9 +61,33 @@ class Selection:
         return [(self.picks[owner[i]], int(position[i])) for i in order.tolist()]
 
 
+def top_k(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(flat, k, largest=largest, sorted=True)` of a 1-D tensor, faster when large.
+
+    A random sample (fixed seed) gives a cut that about 4k of the n values pass; only those
+    are ranked. Exact: when fewer than k pass, the whole tensor is ranked instead. NaN counts
+    as the largest value, as in torch.topk. Indices are int64.
+    """
+    n = flat.numel()
+    if n <= DIRECT_TOPK or 64 * k > n:
+        return torch.topk(flat, k, largest=largest, sorted=True)
+    generator = torch.Generator().manual_seed(n)
+    sample = flat[torch.randint(n, (CUT_SAMPLE,), generator=generator).to(flat.device)]
+    expected = min(CUT_SAMPLE, 4 * k * CUT_SAMPLE // n + 16)
+    cut = torch.topk(sample, expected, largest=largest, sorted=True).values[-1]
+    keep = flat >= cut if largest else flat <= cut
+    if largest:
+        keep |= flat.isnan()
+    candidates = keep.nonzero().squeeze(1)
+    if len(candidates) < k:
+        return torch.topk(flat, k, largest=largest, sorted=True)
+    values, at = torch.topk(flat[candidates], k, largest=largest, sorted=True)
+    return values, candidates[at]
+
+
 def _top(matrix: LogicalMatrix, score: torch.Tensor, k: int, largest: bool) -> Picks:
     view = matrix.view(score)
-    values, flat = torch.topk(view.reshape(-1), min(k, view.numel()), largest=largest, sorted=True)
+    values, flat = top_k(view.reshape(-1), min(k, view.numel()), largest)
     cols = flat % view.shape[1]
     rows = matrix.real_row(torch.div(flat, view.shape[1], rounding_mode="floor"))
     return Picks(matrix, rows, cols, values)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from esa_core.api import LogicalMatrix
+from esa_core.indices import evenly_spaced
+from esa_core.selection import matrix_size, top_k
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999)
 SAMPLE_PER_MATRIX = 4096
+GLOBAL_SAMPLE = 1 << 22  # the global sample's size at most (reached above 1024 matrices)
+HISTOGRAM_CHUNK = 1 << 24  # |w| histogram: weights binned at a time (bounds its scratch memory)
 TAIL_FRACTION = 0.001  # Hill uses the top 0.1 % of scores as order statistics (10 to 10k)
 HEAVY_TAIL_RULE = "heavy_tailed = excess kurtosis > 3 (Gaussian: 0) and Hill tail index < 4"
 CCDF_POINTS = 64
@@ -90,11 +95,17 @@ class _Moments:
 
 
 def _sample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`size` values at evenly spaced positions (int64: exact past 2^24 elements)."""
     flat = x.reshape(-1)
     if flat.numel() <= size:
         return flat.float().cpu()
-    idx = torch.linspace(0, flat.numel() - 1, size, device=flat.device).long()
-    return flat[idx].float().cpu()
+    return flat[evenly_spaced(flat.numel(), size).to(flat.device)].float().cpu()
+
+
+def quantiles(sample: torch.Tensor, levels: list[float]) -> list[float]:
+    """Linearly interpolated quantiles in float64 (numpy: torch.quantile refuses more than
+    2^24 values, and float32 levels cannot tell 1 - 1e-8 from 1)."""
+    return np.quantile(sample.double().numpy(), levels).tolist()
 
 
 def ccdf(top: torch.Tensor, sample: torch.Tensor, count: int) -> dict:
@@ -106,34 +117,38 @@ def ccdf(top: torch.Tensor, sample: torch.Tensor, count: int) -> dict:
     sampled = [r for r in ranks if r > len(top)]
     values = [float(top[r - 1]) for r in exact]
     if sampled:
-        levels = torch.tensor([1.0 - r / count for r in sampled], dtype=sample.dtype)
-        values += torch.quantile(sample, levels.clamp(0.0, 1.0)).tolist()
+        values += quantiles(sample, [min(max(1.0 - r / count, 0.0), 1.0) for r in sampled])
     return {"score": values, "fraction_at_least": [r / count for r in exact + sampled]}
 
 
 def weight_histogram(weights: Iterable[torch.Tensor]) -> dict:
-    """Counts of |w| in log-spaced bins, streamed matrix by matrix."""
+    """Counts of |w| in log-spaced bins [e_i, e_i+1), streamed matrix by matrix, chunk by chunk.
+
+    Each |w| is placed by binary search among the edges (no log10 of every weight), and counted
+    in int64 (torch.histc counts in float32, which stops adding 1 at 2^24 in a bin).
+    """
     low, high = WEIGHT_LOG10_RANGE
-    counts = torch.zeros(WEIGHT_BINS, dtype=torch.float64)
-    below = above = total = 0
-    for w in weights:
-        logs = torch.log10(w.detach().float().abs().reshape(-1))
-        below += int((logs < low).sum())
-        above += int((logs > high).sum())
-        total += logs.numel()
-        counts += torch.histc(logs, WEIGHT_BINS, low, high).double().cpu()
     edges = torch.logspace(low, high, WEIGHT_BINS + 1, dtype=torch.float64)
-    return {"bin_edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()],
-            "below": below, "above": above, "count": total}
+    # slot 0: below e_0; slots 1..WEIGHT_BINS: the bins; the last slot: at or above the top edge
+    counts = torch.zeros(WEIGHT_BINS + 2, dtype=torch.int64)
+    total = 0
+    for w in weights:
+        cuts = edges.to(w.device, torch.float32)
+        for chunk in w.detach().reshape(-1).split(HISTOGRAM_CHUNK):
+            slots = torch.bucketize(chunk.float().abs(), cuts, right=True)
+            counts += torch.bincount(slots, minlength=WEIGHT_BINS + 2).cpu()
+            total += chunk.numel()
+    return {"bin_edges": edges.tolist(), "counts": counts[1:-1].tolist(),
+            "below": int(counts[0]), "above": int(counts[-1]), "count": total}
 
 
 def _tail(top: torch.Tensor, sample: torch.Tensor, moments: dict, topk: int) -> dict:
-    q = torch.quantile(sample, torch.tensor(QUANTILES, dtype=sample.dtype))
-    median = float(q[0])
+    q = quantiles(sample, list(QUANTILES))
+    median = q[0]
     alpha, used = hill_tail_index(top[: tail_order_statistics(moments["count"]) + 1])
     kurt = moments["excess_kurtosis"]
     return {
-        "quantiles": {f"q{p:g}": float(v) for p, v in zip(QUANTILES, q)},
+        "quantiles": {f"q{p:g}": v for p, v in zip(QUANTILES, q)},
         "top1_median_ratio": float(top[0]) / median if median > 0 else None,
         "topk_mean_median_ratio": float(top[:topk].mean()) / median if median > 0 else None,
         "topk_for_ratio": min(topk, len(top)),
@@ -156,7 +171,8 @@ def sensitivity_stats(
     with `weights`, also a histogram of the scored weights' |w|. `topk` is the run's k: the
     top-k-mean/median ratio says how far the selected weights stand above a typical one."""
     matrices = list(matrices)
-    total = sum(m.view(scores[m.param]).numel() for m in matrices)
+    total = sum(matrix_size(m, scores[m.param].shape) for m in matrices)
+    sample_budget = min(SAMPLE_PER_MATRIX * len(matrices), GLOBAL_SAMPLE)
     tail_m = max(tail_order_statistics(total) + 1, topk)
     overall, per_layer, samples, tops = _Moments(), {}, [], []
     by_component: dict[str, list[int]] = {}
@@ -166,14 +182,13 @@ def sensitivity_stats(
         moments.add(view)
         overall.merge(moments)
         flat = view.reshape(-1)
-        top = torch.topk(flat, min(tail_m, flat.numel())).values.float().cpu()
+        top = top_k(flat, min(tail_m, flat.numel()))[0].float().cpu()
         summary = moments.summary()
         per_layer[m.key] = {"param": m.param, "layer": m.layer, "component": m.component,
                             "expert": m.expert, **summary,
                             **_tail(top, _sample(view, SAMPLE_PER_MATRIX), summary, topk)}
         # weight the global sample by matrix size so big matrices are not under-represented
-        samples.append(_sample(view, max(16, SAMPLE_PER_MATRIX * flat.numel() * len(matrices)
-                                         // max(total, 1))))
+        samples.append(_sample(view, max(16, sample_budget * flat.numel() // max(total, 1))))
         tops.append(top)
         by_component.setdefault(m.component, []).append(len(tops) - 1)
     global_summary = overall.summary()
@@ -197,7 +212,7 @@ def sensitivity_stats(
 def _component(idx: list[int], matrices: list[LogicalMatrix], scores: Mapping[str, torch.Tensor],
                tops: list[torch.Tensor], samples: list[torch.Tensor], tail_m: int) -> dict:
     """One component's tail (all its matrices together): Hill index and CCDF."""
-    count = sum(matrices[i].view(scores[matrices[i].param]).numel() for i in idx)
+    count = sum(matrix_size(matrices[i], scores[matrices[i].param].shape) for i in idx)
     merged = torch.cat([tops[i] for i in idx])
     top = torch.topk(merged, min(tail_m, len(merged))).values
     alpha, used = hill_tail_index(top[: tail_order_statistics(count) + 1])
