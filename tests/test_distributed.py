@@ -13,6 +13,7 @@ import tiny
 import torch
 
 from esa_core import distributed, pipeline
+from esa_core.api import RunningMax
 from esa_core.layout import read_json
 
 ARGS = ["--save-plots", "--max-samples", "5", "--seq-len", "32", "--topk", "8", "--mode", "global",
@@ -106,4 +107,44 @@ def test_unknown_reduction_and_non_tensor_state_are_refused():
     with pytest.raises(EsaError, match="unknown cross-rank reduction 'mean'"):
         distributed.all_reduce({}, "mean")
     with pytest.raises(EsaError, match="cannot reduce a int"):
-        distributed._tensors([torch.zeros(1), 3])
+        distributed._parts([torch.zeros(1), 3])
+
+
+# each rank's channel maxima and the block positions where it saw them
+PEAKS = {0: ([5.0, 1.0, 7.0, 2.0], [3, 9, 0, 4]),
+         1: ([4.0, 6.0, 7.0, 2.5], [8, 1, 6, 2])}
+
+
+def _peaks_on_rank(rank: int, store_file: str, results) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        values, at = PEAKS[rank]
+        peaks = RunningMax(torch.tensor(values), torch.tensor(at))
+        distributed.all_reduce({"m": (peaks, torch.tensor([float(rank)]))}, "max")
+        results.put((rank, peaks.values.tolist(), peaks.at.tolist()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_running_maxima_keep_the_position_of_their_own_value_across_ranks(tmp_path):
+    """Per channel, the larger value and where that rank saw it (rank 0's on a tie), never the
+    larger of the two positions."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [context.Process(target=_peaks_on_rank, args=(r, str(tmp_path / "store"), results))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = [results.get(timeout=60) for _ in ranks]
+    for p in ranks:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    expected_values, expected_at = [], []
+    for channel in range(4):  # by hand: the winner's value and position
+        (v0, a0), (v1, a1) = ((PEAKS[r][0][channel], PEAKS[r][1][channel]) for r in (0, 1))
+        expected_values.append(max(v0, v1))
+        expected_at.append(a0 if v0 >= v1 else a1)
+    assert expected_at == [3, 1, 0, 2]  # the max of positions would be [8, 9, 6, 4]
+    for _, values, at in got:
+        assert values == expected_values and at == expected_at
