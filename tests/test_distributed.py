@@ -60,6 +60,29 @@ def test_torchrun_two_ranks_equal_one_process(tiny_llama_dir, tmp_path):
                                rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow  # two torchrun ranks and one process score a tiny model: about 40 s
+def test_torchrun_detection_table_equals_one_process(tiny_llama_dir, tmp_path):
+    """Each rank sees every other block; the channel peaks gathered with their positions give
+    the single process's super_weight detection table, position for position."""
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.wikitext_sample(40_000), encoding="utf-8")
+    args = ["run", "--model", str(tiny_llama_dir), "--dataset", str(text), "--metric",
+            "super_weight", "--max-samples", "6", "--seq-len", "32", "--topk", "4",
+            "--device", "cpu", "--eval-samples", "2"]
+    esa = shutil.which("esa", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for ranks, folder in (("2", "two-ranks"), ("1", "one-process")):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", ranks,
+             "--no-python", esa, *args, "--out-dir", str(tmp_path / folder)],
+            capture_output=True, text=True, timeout=240, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (read_json(tmp_path / folder / "sensitivity_stats.json")["findings"][
+        "super_weight_detection"]["rows"] for folder in ("one-process", "two-ranks"))
+    assert one and two == one
+    assert {d["output_token"] for d in one} | {d["input_token"] for d in one} != {0}
+
+
 def _reduce_on_rank(rank: int, store_file: str, results) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
