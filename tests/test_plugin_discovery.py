@@ -107,6 +107,7 @@ def test_installed_metric_and_perturbation_work_in_a_run(example_site, tiny_llam
     report = (out_dir / "report.html").read_text()
     assert "<h2>Steepest weight of each matrix</h2>" in report
     assert "argmax of summed |gradient| per matrix and seed" in report
+    assert "<code>seeds_agreeing</code>: every seed&#x27;s steepest weight is this one" in report
 
 
 def test_without_the_plugin_the_metric_is_unknown(tiny_llama_dir, tmp_path):

@@ -270,6 +270,9 @@ def _findings(run: RunFiles) -> list[str]:
     for table in (run.stats or {}).get("findings", {}).values():
         cols = [c["name"] for c in table["columns"]]
         said = "; ".join(filter(None, (table["note"], _facts(table), _marked(table)[1])))
+        legend = "; ".join(f"<code>{escape(c['name'])}</code>: {escape(c['help'])}"
+                           for c in table["columns"] if c["help"])
         sections.append(f"<h2>{escape(table['title'])}</h2><p class='note'>{escape(said)}</p>"
-                        + _table(cols, [[r[c] for c in cols] for r in table["rows"]]))
+                        + _table(cols, [[r[c] for c in cols] for r in table["rows"]])
+                        + (f"<p class='note'>{legend}</p>" if legend else ""))
     return sections
