@@ -52,12 +52,12 @@ def stages(args, scored, scores) -> dict:
     from esa_core import stability
     from esa_core.controls import WeightIndex, control_set
     from esa_core.pipeline import csv_rows
-    from esa_core.selection import select
+    from esa_core.selection import param_offsets, select
     from esa_core.stats import sensitivity_stats
 
     matrices = [m for s in scored for m in s.matrices]
     params = {s.name: s.param for s in scored}
-    offsets = stability.param_offsets(scored)
+    offsets = param_offsets(params)
     index = WeightIndex(matrices, params)
     k = args.topk
     chosen = {mode: select(scores, matrices, k, mode) for mode in ("per_layer", "global")}

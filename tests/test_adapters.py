@@ -214,7 +214,8 @@ def test_mixtral_activation_hooks_see_only_each_experts_routed_tokens(registry):
     got: dict[tuple[str, int | None], list] = {}
     handles = [adapter.register_activation_hook(
                    scored[prefix + name],
-                   lambda x, y, e, name=name: got.setdefault((name, e), []).append((x, y)))
+                   lambda x, y, e, tokens=None, name=name:
+                       got.setdefault((name, e), []).append((x, y, tokens)))
                for name in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")]
     routing, ids = Routing(model), tiny.blocks(2, seq_len=24)
     with adapter.observe(model) as observed, torch.no_grad():
@@ -222,6 +223,7 @@ def test_mixtral_activation_hooks_see_only_each_experts_routed_tokens(registry):
     experts, router = model.model.layers[0].mlp.experts, model.model.layers[0].mlp.gate
     x = routing.x
     torch.testing.assert_close(got[("gate.weight", None)][0][1], x @ router.weight.T)
+    assert got[("gate.weight", None)][0][2] is None  # every token, in order
     # the router's own choice, recomputed: top-2 of the softmax of its logits
     chosen = torch.topk(torch.softmax(x @ router.weight.T, -1), 2, dim=-1).indices
     assert torch.equal(chosen.sort(-1).values, routing.chosen.sort(-1).values)
@@ -231,10 +233,12 @@ def test_mixtral_activation_hooks_see_only_each_experts_routed_tokens(registry):
         xe = x[tokens]
         gate_up = xe @ experts.gate_up_proj[e].T
         hidden = F.silu(gate_up[:, :half]) * gate_up[:, half:]
-        [(x_in, y_out)] = got[("experts.gate_up_proj", e)]
+        [(x_in, y_out, rows)] = got[("experts.gate_up_proj", e)]
         torch.testing.assert_close(x_in, xe)
         torch.testing.assert_close(y_out, gate_up)
-        [(h_in, d_out)] = got[("experts.down_proj", e)]
+        assert rows.tolist() == tokens.tolist()  # which tokens of the batch the rows are
+        [(h_in, d_out, rows)] = got[("experts.down_proj", e)]
+        assert rows.tolist() == tokens.tolist()
         torch.testing.assert_close(h_in, hidden)
         torch.testing.assert_close(d_out, hidden @ experts.down_proj[e].T)
     load = observed["router_load"]["per_layer"]["layers.0"]
@@ -250,7 +254,7 @@ class RoutedTokens(Metric):
     name = "routed_tokens"
     needs = frozenset({ACTIVATIONS})
 
-    def on_activations(self, state, weight, inputs, outputs):
+    def on_activations(self, state, weight, inputs, outputs, positions):
         assert inputs.shape[1] == weight.shape[1] and outputs.shape[1] == weight.shape[0]
         state[0, 0] += len(inputs)
 
@@ -271,6 +275,59 @@ def test_activation_metrics_on_mixtral_see_the_router_load_per_expert(registry):
             assert seen.tolist() == load
         assert scores[f"model.{layer}.mlp.gate.weight"][0, 0] == blocks.numel()
     assert scores["model.layers.0.self_attn.q_proj.weight"][0, 0] == blocks.numel()
+
+
+def test_super_weight_on_mixtral_experts_reports_block_positions(registry):
+    """Each expert's detection row, by hand from the router's own choice: the channel maxima
+    over the tokens routed to it, and the position within its block of the token that gave each
+    (not the token's count among the expert's routed tokens)."""
+    from esa_core.pipeline import kept_by_matrix
+
+    model, adapter = adapted("mixtral", registry)
+    scored = adapter.scored_params(model, include=["moe.down"])
+    seq_len, blocks = 24, tiny.blocks(3, seq_len=24, seed=1)
+    seen: dict[int, list] = {}  # layer -> per block: (moe input, chosen experts)
+    hooks = []
+    for layer, block in enumerate(model.model.layers):
+        moe = block.mlp
+        hooks += [moe.register_forward_pre_hook(
+                      lambda m, a, layer=layer: seen.setdefault(layer, []).append(
+                          [a[0].flatten(0, 1)])),
+                  moe.gate.register_forward_hook(
+                      lambda m, a, o, layer=layer: seen[layer][-1].append(o[2]))]
+    metric = registry.get("metric", "super_weight")()
+    run = ScoringRun(model, adapter, scored, metric, progress=False)
+    run.score(blocks, seed=0)
+    for h in hooks:
+        h.remove()
+    [table] = metric.findings(kept_by_matrix(scored, [run.kept]))
+    rows = {(d["layer"], d["expert"]): d for d in table.rows}
+    moved = 0
+    for layer, forwards in seen.items():
+        experts = model.model.layers[layer].mlp.experts
+        half = experts.gate_up_proj.shape[1] // 2
+        for e in range(experts.num_experts):
+            ins, outs, where, count = [], [], [], []
+            for x, chosen in forwards:  # one forward per block (batch size 1)
+                tokens = (chosen == e).any(-1).nonzero().flatten()
+                gate_up = x[tokens] @ experts.gate_up_proj[e].detach().T
+                hidden = F.silu(gate_up[:, :half]) * gate_up[:, half:]
+                ins.append(hidden.abs())
+                outs.append((hidden @ experts.down_proj[e].detach().T).abs())
+                where.append(tokens % seq_len)
+                count.append(torch.arange(len(tokens)) + sum(map(len, count)))
+            x, y, where = torch.cat(ins), torch.cat(outs), torch.cat(where)
+            (in_max, in_token), (out_max, out_token) = x.max(0), y.max(0)
+            col, row = int(in_max.argmax()), int(out_max.argmax())
+            d = rows[layer, e]
+            assert (d["row"], d["col"]) == (row, col)
+            assert d["output_max"] == pytest.approx(float(out_max[row]), rel=1e-5)
+            assert d["input_max"] == pytest.approx(float(in_max[col]), rel=1e-5)
+            assert (d["output_token"], d["input_token"]) == (int(where[out_token[row]]),
+                                                             int(where[in_token[col]]))
+            counted = int(torch.cat(count)[out_token[row]]) % seq_len
+            moved += counted != d["output_token"]
+    assert moved  # the old reading (count among routed tokens) differs here
 
 
 @pytest.mark.parametrize(("family", "include", "exclude", "expected"), [

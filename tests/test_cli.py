@@ -286,7 +286,11 @@ def test_cli_prints_critical_weights_and_the_detection_table(tiny_llama_dir, tmp
     for w in critical:
         assert f"{w['param']}[{w['row']}, {w['col']}]" in result.output
     stats = json.loads((tmp_path / "run" / "sensitivity_stats.json").read_text())
-    layers = stats["super_weight_detection"]["layers"]
-    assert f"Super-weight detection (Yu et al.: both |activations| > 0): {len(layers)}" \
-        in result.output
-    assert all(f"{d['param']}[{d['row']}, {d['col']}]" in result.output for d in layers)
+    rows = stats["findings"]["super_weight_detection"]["rows"]
+    assert (f"Super-weight detection, Yu et al. 2024 (threshold 0): {len(rows)} of {len(rows)} "
+            "row(s) with passes") in result.output
+    printed = [line.split() for line in result.output.splitlines()]
+    for d in rows:  # every passing row, under its columns
+        assert [d["param"], str(d["layer"]), d["component"], "-", str(d["row"]), str(d["col"]),
+                f"{d['output_max']:.4g}", str(d["output_token"]), f"{d['input_max']:.4g}",
+                str(d["input_token"])] in printed

@@ -292,7 +292,7 @@ def test_every_metric_runs_end_to_end(family_dirs, small_text, tmp_path, metric,
     if metric == "super_weight":
         assert components and components <= {"mlp.down", "moe.down"}
         stats = json.loads((result.out_dir / "sensitivity_stats.json").read_text())
-        detected = stats["super_weight_detection"]["layers"]
+        detected = stats["findings"]["super_weight_detection"]["rows"]
         assert len(detected) == int(manifest["model"]["n_matrices"])
         assert "Super-weight detection" in (result.out_dir /
                                                          "report.html").read_text()
@@ -372,7 +372,7 @@ def test_super_weight_detection_matches_the_papers_rule_written_independently(re
     """Yu et al.'s rule by hand: hook every down_proj, take the flat argmax of |input| and of
     |output| over all calibration tokens, name [output channel, input channel], compare both
     magnitudes with the threshold. Planted: a spike through layers.1 down_proj[5, 7]."""
-    from esa_core.pipeline import _by_pointer
+    from esa_core.pipeline import kept_by_matrix
 
     model, scored = llama(registry, include=("mlp.down",))
     mlp = model.model.layers[1].mlp
@@ -409,14 +409,16 @@ def test_super_weight_detection_matches_the_papers_rule_written_independently(re
     assert min(planted[2], planted[4]) > others and planted[:2] == (5, 7)
 
     metric = registry.get("metric", "super_weight")(threshold=str(threshold))
-    score(registry, model, scored, metric, blocks[:2], seed=0)  # two seeds' streams
-    score(registry, model, scored, metric, blocks[2:], seed=1)
-    matrices = [m for s in scored for m in s.matrices]
-    found = metric.findings(_by_pointer(matrices, {s.name: s.param for s in scored}), seq_len)
-    table = found["super_weight_detection"]
-    assert table["threshold"] == threshold
-    assert len(table["layers"]) == len(expected)
-    for d in table["layers"]:
+    run = ScoringRun(model, registry.get("model adapter", "llama")(), scored, metric,
+                     progress=False)
+    seeds = []
+    for seed, part in ((0, blocks[:2]), (1, blocks[2:])):  # two seeds' streams, kept apart
+        run.score(part, seed=seed)
+        seeds.append(run.kept)
+    [table] = metric.findings(kept_by_matrix(scored, seeds))
+    assert table.facts == {"threshold": threshold} and table.mark == "passes"
+    assert len(table.rows) == len(expected)
+    for d in table.rows:
         row, col, out_max, out_tok, in_max, in_tok = expected[d["param"]]
         assert (d["row"], d["col"], d["output_token"], d["input_token"]) == \
             (row, col, out_tok, in_tok)

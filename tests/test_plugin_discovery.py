@@ -1,6 +1,7 @@
 """A separately installed distribution adds a metric, a perturbation and an evaluator through the
 `esa` entry-point group."""
 
+import csv
 import json
 import os
 import subprocess
@@ -95,6 +96,23 @@ def test_installed_metric_and_perturbation_work_in_a_run(example_site, tiny_llam
     # --eval-arg reached the third party's evaluator: its measure is named by its option
     assert [m["name"] for m in results["measures"]] == ["ppl", "accuracy", "top10_accuracy"]
     assert results["baseline"]["accuracy"] <= results["baseline"]["top10_accuracy"] <= 1.0
+
+    # the metric's findings table, stored, rendered and printed by a core that never names it
+    table = json.loads((out_dir / "sensitivity_stats.json").read_text())["findings"][
+        "steepest_weights"]
+    assert [c["name"] for c in table["columns"]] == ["param", "row", "col", "seeds_agreeing"]
+    with open(out_dir / "top_weights.csv", newline="") as f:  # one seed: each matrix's top 1
+        top1 = {}
+        for w in csv.DictReader(f):
+            top1.setdefault(w["param"], (int(w["row"]), int(w["col"])))
+    assert {d["param"]: (d["row"], d["col"]) for d in table["rows"]} == top1
+    assert all(d["seeds_agreeing"] for d in table["rows"])
+    assert (f"Steepest weight of each matrix (seeds 1): {len(top1)} of {len(top1)} row(s) with "
+            "seeds_agreeing") in result.stdout
+    report = (out_dir / "report.html").read_text()
+    assert "<h2>Steepest weight of each matrix</h2>" in report
+    assert "argmax of summed |gradient| per matrix and seed" in report
+    assert "<code>seeds_agreeing</code>: every seed&#x27;s steepest weight is this one" in report
 
 
 def test_without_the_plugin_the_metric_is_unknown(tiny_llama_dir, tmp_path):

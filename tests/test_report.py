@@ -94,3 +94,39 @@ def test_the_layout_reads_a_result_folder_without_torch():
     code = ("import sys, esa_core.layout as layout; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _table(n_rows: int, marked: set[int]) -> dict:
+    from esa_core.api import Column, Findings
+
+    rows = [{"name": f"m{i}", "value": i / 3, "empty": None, "hot": i in marked}
+            for i in range(n_rows)]
+    return Findings("hot_spots", "Hot spots", (Column("name"), Column("value"), Column("empty"),
+                                               Column("hot", "above the line")),
+                    rows, note="the rule", mark="hot", facts={"line": 0.5}).stored("m")
+
+
+def test_findings_tables_print_their_marked_rows_under_their_columns():
+    stats = {"findings": {"hot_spots": _table(30, set(range(2, 27)))}}
+    lines = report.findings({}, stats)
+    assert lines[0] == "Hot spots (line 0.5): 25 of 30 row(s) with hot"
+    assert lines[1].split() == ["name", "value", "empty"]
+    assert lines[2].split() == ["m2", f"{2 / 3:.4g}", "-"]
+    assert len(lines) == 2 + report.TERMINAL_ROWS + 1
+    assert lines[-1] == "  ... 5 more in sensitivity_stats.json"
+    unmarked = {"findings": {"hot_spots": _table(3, set())}}
+    assert report.findings({}, unmarked) == ["Hot spots (line 0.5): 0 of 3 row(s) with hot"]
+
+
+def test_a_findings_row_off_its_declared_columns_is_one_line_naming_the_metric():
+    from esa_core.api import Column, Findings
+    from esa_core.errors import PluginFailure
+
+    table = Findings("t", "T", (Column("a"),), [{"a": 1, "b": 2}])
+    with pytest.raises(PluginFailure, match=r"metric 'mine': a row of findings 't' holds "
+                                            r"\['a', 'b'\], not the declared columns \['a'\]"):
+        table.stored("mine")
+    with pytest.raises(PluginFailure, match="marks rows by 'x'"):
+        Findings("t", "T", (Column("a"),), [{"a": 1}], mark="x").stored("mine")
+    with pytest.raises(PluginFailure, match="one number, string or null each"):
+        Findings("t", "T", (Column("a"),), [{"a": [1]}]).stored("mine")

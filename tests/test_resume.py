@@ -230,3 +230,53 @@ def test_stopped_during_perturbation_then_resume(perturb_command, perturb_refere
         perturb_reference / "top_weights.csv").read_bytes()
     assert not (out_dir / "checkpoints").exists()
     assert not [p for p in out_dir.rglob("*.tmp")]
+
+
+# ------------------------------------------------------------------ a metric's findings
+
+@pytest.fixture(scope="module")
+def super_command(command) -> list[str]:
+    return [*command, "--metric", "super_weight", "--metric-arg", "threshold=0",
+            "--checkpoint", "always"]
+
+
+@pytest.fixture(scope="module")
+def super_reference(super_command, tmp_path_factory) -> Path:
+    return uninterrupted(super_command, tmp_path_factory.mktemp("super-reference") / "run")
+
+
+def detection(folder: Path) -> dict:
+    stats = json.loads((folder / "sensitivity_stats.json").read_text())
+    return stats["findings"]["super_weight_detection"]
+
+
+def test_killed_super_weight_run_resumes_with_the_uninterrupted_detection_table(
+        super_command, super_reference, tmp_path, monkeypatch):
+    """Each seed's channel peaks are part of its unit: the table of a run killed after seed 1
+    and resumed covers every seed, as the uninterrupted run's does."""
+    out_dir = tmp_path / "run"
+    saved = start_and_stop(super_command, out_dir, signal.SIGKILL)
+    with safe_open(str(out_dir / "checkpoints" / f"seed_{SEEDS[0]}.safetensors"), "pt") as f:
+        assert any(key.startswith("kept.") for key in f.keys())
+    assert resume_counting_seeds(super_command, out_dir, monkeypatch) == SEEDS[len(saved):]
+    want = detection(super_reference)
+    assert detection(out_dir) == want
+    assert want["rows"] and all(d["passes"] for d in want["rows"])  # threshold 0
+    assert_equals_uninterrupted(out_dir, super_reference)
+
+
+def test_super_weight_run_stopped_after_scoring_resumes_with_every_seeds_table(
+        super_command, super_reference, tmp_path, monkeypatch):
+    """Stopped once every seed is scored: no seed is scored again, and the table is whole."""
+    from esa_core import pipeline
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out_dir = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "sensitivity_stats", broken)
+        assert run_here(super_command, out_dir).exit_code != 0
+    assert resume_counting_seeds(super_command, out_dir, monkeypatch) == []
+    assert detection(out_dir) == detection(super_reference)
+    assert_equals_uninterrupted(out_dir, super_reference)

@@ -30,8 +30,13 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample SD; SD 0 for one value, NaN when a value is not finite."""
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator) of the values that are not
+    None: ESA's every spread is over seeds, draws or seed pairs, a sample of the many it could
+    have used. SD 0 for one value, NaN when a value is not finite; (None, None) for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
     mean = math.fsum(values) / len(values)
     if len(values) < 2 or not all(math.isfinite(v) for v in values):
         return mean, (0.0 if len(values) < 2 else math.nan)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from esa_core.errors import EsaError, unknown_choice
+from esa_core.errors import EsaError, PluginFailure, unknown_choice
 from esa_core.layout import COMPONENTS
 
 NOT_SCORED_BY_DEFAULT = ("embed", "lm_head")
@@ -101,7 +101,8 @@ class Metric(Configurable):
     - `HVP`: Hessian-vector products H·z for Rademacher probes z (double backward); `on_hvp`
       runs once per probe with the matching slices of z and H·z.
     - `ACTIVATIONS`: the matrix's inputs X [tokens, in] and outputs Y [tokens, out]
-      (for an MoE expert only the tokens routed to it); `on_activations` runs per forward.
+      (for an MoE expert only the tokens routed to it) and each token's position in its block;
+      `on_activations` runs per forward.
     - nothing: a data-free metric; only `finalize` runs.
 
     `components` (canonical names or globs) narrows the weights scored when the user gives no
@@ -111,12 +112,18 @@ class Metric(Configurable):
     Every callback sees one 2-D weight matrix (an MoE expert's slice of a 3-D tensor is passed as
     its own matrix) and the state `init_state` made for it. Keep the state small: at most one
     accumulator of the weight's shape, never a copy of the gradient.
+
+    A metric may report more than scores: `keep` names what of a seed's state outlives it, and
+    `findings` turns that, for every seed, into tables the core stores, renders and prints.
+    The engine keeps it per seed with the seed's resume unit; a metric keeps no memory of its
+    own across seeds.
     """
 
     needs: ClassVar[frozenset[str]] = frozenset()
     #: How states from several ranks (torchrun) combine before `finalize`: "sum" for states that
     #: add up over batches (the default), "max" or "min" for running extremes. Every tensor in
-    #: the state is reduced this way, so a state is a tensor or a tuple/list/dict of tensors.
+    #: the state is reduced this way, so a state is a tensor or a tuple/list/dict of tensors;
+    #: a `RunningMax` in it keeps each channel's largest value with that value's own position.
     state_reduce: ClassVar[str] = "sum"
     #: default scope when the user gives no --include; None: the adapter's default set.
     components: ClassVar[tuple[str, ...] | None] = None
@@ -135,25 +142,130 @@ class Metric(Configurable):
         """Add one probe's contribution (H·z and z, weight-shaped) to `state` in place."""
         raise NotImplementedError
 
-    def on_activations(
-        self, state: Any, weight: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor
-    ) -> None:
-        """Add one forward's activations (inputs [tokens, in], outputs [tokens, out])."""
+    def on_activations(self, state: Any, weight: torch.Tensor, inputs: torch.Tensor,
+                       outputs: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add one forward's activations (inputs [tokens, in], outputs [tokens, out]).
+
+        `positions[t]` (int64) is the position of token row t within its calibration block: for
+        an MoE expert, the position of each routed token, not its count among them.
+        """
         raise NotImplementedError
 
     def finalize(self, state: Any, weight: torch.Tensor, num_batches: int) -> torch.Tensor:
         """The score of every weight of the matrix (weight-shaped, higher = more sensitive)."""
         return state / max(num_batches, 1)
 
-    def findings(self, matrices: dict[int, LogicalMatrix], seq_len: int) -> dict[str, Any]:
-        """Results beyond the scores, added to sensitivity_stats.json after every seed scored.
+    def keep(self, state: Any, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What `findings` needs of one matrix's state after every seed scored (called before
+        `finalize`, on the state reduced across ranks).
 
-        A metric that keeps them (e.g. super_weight's detection table) records them in its
-        callbacks under `weight.data_ptr()`; `matrices` maps that pointer to the matrix it
-        belongs to, and `seq_len` turns a token's index in the stream into its position in its
-        block. The default has none.
+        Small tensors only (a value per channel, never weight-sized): the engine moves them to
+        the host and saves them with the seed's resume unit, so a resumed run has every seed's.
+        The default keeps nothing.
         """
         return {}
+
+    def findings(self, kept: list[Kept]) -> list[Findings]:
+        """Tables of results beyond the scores, from what `keep` kept of every matrix and seed.
+
+        The core stores them in sensitivity_stats.json (`findings`), renders them in the
+        report and prints their marked rows; it never needs to know the metric. Default: none.
+        """
+        return []
+
+
+@dataclass
+class RunningMax:
+    """Per-channel running maxima and where each was reached (e.g. a token's position).
+
+    A metric state may hold these. Across ranks (torchrun) and seeds each channel keeps the
+    largest value together with its own position, never the largest position.
+    """
+
+    values: torch.Tensor
+    at: torch.Tensor  # int64, same shape as `values`
+
+    @classmethod
+    def zeros(cls, n: int, dtype: torch.dtype, device: torch.device) -> RunningMax:
+        return cls(torch.zeros(n, dtype=dtype, device=device),
+                   torch.zeros(n, dtype=torch.int64, device=device))
+
+    def update(self, values: torch.Tensor, at: torch.Tensor) -> None:
+        """Take `values` (and their `at`) where they exceed the running maxima (ties keep the
+        earlier)."""
+        values = values.to(self.values.device, self.values.dtype)
+        self.at.copy_(torch.where(values > self.values, at.to(self.at.device), self.at))
+        torch.maximum(self.values, values, out=self.values)
+
+    @classmethod
+    def merged(cls, parts: Sequence[RunningMax]) -> RunningMax:
+        """One RunningMax over `parts` (e.g. every seed's), the first part winning ties."""
+        total = cls(parts[0].values.clone(), parts[0].at.clone())
+        for part in parts[1:]:
+            total.update(part.values, part.at)
+        return total
+
+
+@dataclass(frozen=True)
+class Column:
+    """One declared column of a findings table."""
+
+    name: str
+    help: str = ""
+
+
+@dataclass
+class Findings:
+    """A table a metric reports beyond its scores (e.g. a detection rule applied per matrix).
+
+    Every row holds exactly the declared `columns`, each a JSON scalar. `mark` names a boolean
+    column: the rows where it holds are the news (counted and printed on the terminal); None
+    prints every row. `note` says how to read the table (its rule), `facts` hold settings
+    worth keeping beside it (a threshold).
+    """
+
+    name: str  # key in sensitivity_stats.json -> findings
+    title: str
+    columns: tuple[Column, ...]
+    rows: list[dict[str, Any]]
+    note: str = ""
+    mark: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def stored(self, owner: str) -> dict[str, Any]:
+        """The table as sensitivity_stats.json holds it; PluginFailure (naming `owner`, the
+        metric) for a row that does not hold exactly the declared columns."""
+        names = [c.name for c in self.columns]
+        if self.mark is not None and self.mark not in names:
+            raise PluginFailure(f"metric '{owner}': findings '{self.name}' marks rows by "
+                                f"'{self.mark}', which is not one of its columns.")
+        for row in self.rows:
+            if set(row) != set(names) or not all(
+                    v is None or isinstance(v, (bool, int, float, str)) for v in row.values()):
+                raise PluginFailure(
+                    f"metric '{owner}': a row of findings '{self.name}' holds {list(row)}, not "
+                    f"the declared columns {names} with one number, string or null each.")
+        return {"title": self.title, "note": self.note,
+                "columns": [{"name": c.name, "help": c.help} for c in self.columns],
+                "mark": self.mark, "facts": self.facts,
+                "rows": [{name: row[name] for name in names} for row in self.rows]}
+
+
+@dataclass
+class Kept:
+    """What `Metric.keep` kept of one matrix (`param`, or `param[expert]`), per seed in order."""
+
+    param: str
+    expert: int | None
+    matrices: list[LogicalMatrix]  # its logical matrices (several for a fused tensor)
+    seeds: list[dict[str, torch.Tensor]]
+
+    def matrix_at(self, row: int) -> LogicalMatrix | None:
+        """The scored logical matrix holding parameter row `row` (None: a part not scored)."""
+        for m in self.matrices:
+            if m.rows is None or bool((m.rows == row).any()):
+                return m
+        return None
 
 
 # --------------------------------------------------------------------------- perturbations
@@ -291,6 +403,11 @@ class LogicalMatrix:
         """Map rows of `view(...)` back to rows of the parameter."""
         return local_row if self.rows is None else self.rows.to(local_row.device)[local_row]
 
+    def coordinates(self, flat: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameter (row, col) of flat row-major indices into `view(...)`, which has `cols`
+        columns: integer division of the int64 indices, exact at any size."""
+        return self.real_row(torch.div(flat, cols, rounding_mode="floor")), flat % cols
+
 
 @dataclass
 class ScoredParam:
@@ -306,8 +423,16 @@ class ScoredParam:
         """Expert slices of a 3-D expert tensor, or [None] for a plain matrix."""
         return list(range(self.param.shape[0])) if self.param.dim() == 3 else [None]
 
+    @property
+    def slots(self) -> list[Slot]:
+        """The matrices the engine scores this parameter as: one per expert, or one."""
+        return [(self.name, e) for e in self.experts]
 
-ActivationCallback = Callable[[torch.Tensor, torch.Tensor, "int | None"], None]
+
+#: `callback(inputs, outputs, expert, tokens=None)`: see `ModelAdapter.register_activation_hook`
+ActivationCallback = Callable[..., None]
+#: one matrix as the engine scores it: (parameter name, expert index or None)
+Slot = tuple[str, "int | None"]
 
 
 class ModelAdapter:
@@ -419,10 +544,14 @@ class ModelAdapter:
         yield {}
 
     def register_activation_hook(self, scored: ScoredParam, callback: ActivationCallback):
-        """Call `callback(inputs [tokens, in], outputs [tokens, out], expert)` on every forward.
+        """Call `callback(inputs [tokens, in], outputs [tokens, out], expert, tokens)` on every
+        forward.
 
-        The default serves a module that applies the weight as a linear map (nn.Linear and
-        friends). Adapters with 3-D expert tensors override this to report per-expert tokens.
+        `tokens` (int64) says which of the forward's tokens, numbered row-major over its
+        [batch, seq_len] input, the rows are; None when they are all of them, in order (the
+        engine refuses anything else without it). The default serves a module that applies the
+        weight as a linear map (nn.Linear and friends). Adapters with 3-D expert tensors
+        override this to report per-expert tokens.
         """
         if scored.param.dim() != 2:
             raise EsaError(

@@ -4,14 +4,13 @@ Runs are compared weight by weight (param, expert, row, col), so every folder mu
 same model: the top-k sets of two different models share no weights, and matching them by
 (layer, component) position would compare unrelated numbers. Such folders are refused with the
 reason. Different metrics, modes, k and seeds on one model are what this command is for.
-Runs that scored different components (super_weight scores only down-projections) are also
+Runs that scored different components (a metric may score only down-projections) are also
 compared on the components both scored, since the others' top-k can never meet there.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -153,36 +152,12 @@ def matrix_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def heatmap_png(result: dict[str, Any]) -> bytes:
-    """The Jaccard matrix as a heatmap (viridis: colour-blind safe), values in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, matrix = result["labels"], np.array(result["jaccard_matrix"])
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(2.2 + 1.1 * n, 1.8 + 1.0 * n))
-    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                    color="black" if matrix[i, j] > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="Jaccard of top-k sets")
-    ax.set_title(f"Top-k overlap: {result['model']['id']}", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def write_comparison(folders: list[Path], out_dir: Path, overwrite: bool) -> dict[str, Any]:
     """Compare the folders and write comparison.json and the heatmap into `out_dir`."""
+    from esa_core.plots import comparison_heatmap  # matplotlib only when a figure is drawn
+
     result = compare(folders)
     out_dir = prepare_out_dir(Path(out_dir), overwrite)
     write_json(out_dir / COMPARISON, result)
-    atomic_write_bytes(out_dir / COMPARISON_HEATMAP, heatmap_png(result))
+    atomic_write_bytes(out_dir / COMPARISON_HEATMAP, comparison_heatmap(result))
     return result

@@ -22,7 +22,7 @@ from torch import nn
 from esa_core.api import LogicalMatrix
 from esa_core.errors import EsaError, unknown_choice
 from esa_core.layout import BOTTOM_K, CONTROLS, MAGNITUDE_K, RANDOM_K
-from esa_core.selection import Picks, Selection, select
+from esa_core.selection import Picks, Selection, param_offsets, select
 
 # Most random integers one rejection round draws (keeps a round's memory small on any model).
 MAX_DRAW = 1 << 22
@@ -46,34 +46,26 @@ class WeightIndex:
         self.sizes = torch.tensor(sizes, dtype=torch.int64)
         self.starts = torch.cumsum(self.sizes, 0) - self.sizes
         self.total = int(self.sizes.sum())
-        offset, self.param_offset = 0, {}
-        for name in dict.fromkeys(m.param for m in self.matrices):
-            self.param_offset[name] = offset
-            offset += params[name].numel()
+        self.param_offset = param_offsets(
+            {name: params[name] for name in dict.fromkeys(m.param for m in self.matrices)})
 
     def position(self, matrix: LogicalMatrix) -> int:
         return next(i for i, m in enumerate(self.matrices) if m is matrix)
 
-    def coordinates(self, i: int, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Parameter (row, col) of flat indices into matrix `i`'s `view` (row-major)."""
-        rows = torch.div(local, self.cols[i], rounding_mode="floor")
-        return self.matrices[i].real_row(rows), local % self.cols[i]
-
     def picks(self, i: int, local: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> Picks:
         """Picks of matrix `i` from flat indices into its view, with their scores."""
         m = self.matrices[i]
-        rows, cols = self.coordinates(i, local)
+        rows, cols = m.coordinates(local, self.cols[i])
         score = scores[m.param]
         score = score[m.expert] if m.expert is not None else score
         return Picks(m, rows, cols, score[rows.to(score.device), cols.to(score.device)].cpu())
 
     def keys(self, picks: Picks) -> torch.Tensor:
-        shape = self.params[picks.matrix.param].shape
-        return self.param_offset[picks.matrix.param] + picks.flat(shape).cpu()
+        return picks.keys(self.param_offset, self.params[picks.matrix.param].shape)
 
     def local_keys(self, i: int, local: torch.Tensor) -> torch.Tensor:
         """Keys of flat indices into matrix `i`'s view."""
-        rows, cols = self.coordinates(i, local)
+        rows, cols = self.matrices[i].coordinates(local, self.cols[i])
         return self.keys(Picks(self.matrices[i], rows, cols, torch.empty(0)))
 
     def selection_keys(self, selection: Selection) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from esa_core.api import RunningMax
 from esa_core.errors import EsaError
 
 T = TypeVar("T")
@@ -73,8 +74,9 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def all_reduce(states: dict[Any, Any], op: str = "sum") -> None:
-    """Reduce, in place and across ranks, every tensor inside `states` (values may be tensors or
-    tuples, lists and dicts of tensors, e.g. a metric's state). `op`: sum, max or min.
+    """Reduce, in place and across ranks, every tensor inside `states` (values may be tensors,
+    `RunningMax`es, or tuples, lists and dicts of them, e.g. a metric's state). `op`: sum, max
+    or min for tensors; a RunningMax keeps each channel's largest value with its own position.
 
     One collective per tensor, so no model-sized staging buffer is built. No-op on one rank.
     """
@@ -83,16 +85,31 @@ def all_reduce(states: dict[Any, Any], op: str = "sum") -> None:
                        f"{', '.join(REDUCE_OPS)}.")
     if world_size() == 1:
         return
-    for tensor in _tensors(list(states.values())):
-        dist.all_reduce(tensor, op=REDUCE_OPS[op])
+    for part in _parts(list(states.values())):
+        if isinstance(part, RunningMax):
+            _gather_peaks(part)
+        else:
+            dist.all_reduce(part, op=REDUCE_OPS[op])
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
+def _gather_peaks(peaks: RunningMax) -> None:
+    """The largest value of each channel over the ranks, and the position of that value (the
+    lowest rank's where ranks tie)."""
+    mine = peaks.values.clone()
+    dist.all_reduce(peaks.values, op=dist.ReduceOp.MAX)
+    held = mine == peaks.values
+    order = torch.where(held, rank(), world_size()).to(torch.int64)
+    dist.all_reduce(order, op=dist.ReduceOp.MIN)
+    peaks.at.masked_fill_(order != rank(), 0)
+    dist.all_reduce(peaks.at, op=dist.ReduceOp.SUM)
+
+
+def _parts(value: Any) -> list[torch.Tensor | RunningMax]:
+    if isinstance(value, (torch.Tensor, RunningMax)):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in _parts(item)]
     raise EsaError(f"cannot reduce a {type(value).__name__} across ranks: a metric state must "
-                   "be a tensor or a tuple, list or dict of tensors.")
+                   "be a tensor, a RunningMax, or a tuple, list or dict of them.")

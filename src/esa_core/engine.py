@@ -16,14 +16,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from esa_core import distributed, progress
-from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam
+from esa_core.api import ACTIVATIONS, GRAD, HVP, Metric, ModelAdapter, ScoredParam, Slot
 from esa_core.errors import EsaError, PluginFailure
 from esa_core.gradient_checkpointing import checkpointed
 from esa_core.guards import plugin_call
 
 log = logging.getLogger(__name__)
-
-Slot = tuple[str, "int | None"]  # (parameter name, expert index or None)
 
 
 def batch_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,6 +77,9 @@ class ScoringRun:
         self.progress = progress and distributed.is_main()
         self.gradient_checkpointing = gradient_checkpointing
         self.device = next(model.parameters()).device
+        #: what `metric.keep` kept of each matrix in the last `score` call, on the host
+        self.kept: dict[Slot, dict[str, torch.Tensor]] = {}
+        self._grid = torch.empty(0, dtype=torch.int64)  # positions of the batch in flight
 
     def _states(self) -> dict[Slot, object]:
         return {
@@ -123,6 +124,8 @@ class ScoringRun:
                 indices = progress.track(indices, f"scoring {label}".strip(), "batches")
             for index in indices:
                 batch = batches[index].to(self.device, non_blocking=True)
+                if ACTIVATIONS in needs:
+                    self._grid = torch.arange(batch.numel(), device=self.device) % batch.shape[1]
                 if HVP in needs:
                     # probes depend on (seed, batch) alone: the same on any number of ranks
                     probe_generator.manual_seed(seed << 32 | index)
@@ -151,12 +154,24 @@ class ScoringRun:
         metric = self.metric
         weight = s.param.detach()
 
-        def seen(inputs: torch.Tensor, outputs: torch.Tensor, expert: int | None) -> None:
+        def seen(inputs: torch.Tensor, outputs: torch.Tensor, expert: int | None,
+                 tokens: torch.Tensor | None = None) -> None:
             _call(metric, f"on_activations({s.name})", metric.on_activations,
                   states[(s.name, expert)], _view(weight, expert), inputs.detach(),
-                  outputs.detach())
+                  outputs.detach(),
+                  self._positions(s.name, len(inputs), tokens).to(inputs.device))
 
         return self.adapter.register_activation_hook(s, seen)
+
+    def _positions(self, name: str, rows: int, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Each activation row's position within its calibration block (int64)."""
+        if tokens is not None:
+            return self._grid[tokens.to(self._grid.device)]
+        if rows != len(self._grid):
+            raise PluginFailure(
+                f"adapter '{self.adapter.name}' showed {rows} activation rows of {name} for a "
+                f"batch of {len(self._grid)} tokens without saying which tokens they are.")
+        return self._grid
 
     def _hvp_step(self, batch: torch.Tensor, states, generator: torch.Generator) -> None:
         params = [s.param for s in self.scored]
@@ -180,12 +195,18 @@ class ScoringRun:
 
     def _finalize(self, states: dict[Slot, object], num_batches: int) -> dict[str, torch.Tensor]:
         scores: dict[str, torch.Tensor] = {}
+        self.kept = {}
         for s in self.scored:
             weight = s.param.detach()
             parts = []
             for e in s.experts:
+                state = states.pop((s.name, e))
+                self.kept[(s.name, e)] = {
+                    key: value.detach().to("cpu", copy=True) for key, value in
+                    _call(self.metric, f"keep({s.name})", self.metric.keep, state,
+                          _view(weight, e)).items()}
                 part = _call(self.metric, f"finalize({s.name})", self.metric.finalize,
-                             states.pop((s.name, e)), _view(weight, e), num_batches)
+                             state, _view(weight, e), num_batches)
                 if part.shape != _view(weight, e).shape:
                     raise PluginFailure(
                         f"metric '{self.metric.name}' returned scores of shape {tuple(part.shape)}"

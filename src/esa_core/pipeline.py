@@ -33,7 +33,16 @@ from esa_core import (
     report,
     stability,
 )
-from esa_core.api import EvalData, Evaluator, Metric, ModelAdapter, Perturbation, ScoredParam
+from esa_core.api import (
+    EvalData,
+    Evaluator,
+    Kept,
+    Metric,
+    ModelAdapter,
+    Perturbation,
+    ScoredParam,
+    Slot,
+)
 from esa_core.config import Plugins, RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
@@ -51,13 +60,15 @@ from esa_core.results import (
 from esa_core.resume import (
     Checkpoints,
     check_disk_room,
+    kept_from,
+    kept_tensors,
     resumable_manifest,
     resume_record,
     selection_from,
     selection_tensors,
     tensor_bytes,
 )
-from esa_core.selection import Selection, check_topk, matrix_size, select
+from esa_core.selection import Selection, check_topk, matrix_size, param_offsets, select
 from esa_core.stats import sensitivity_stats
 from esa_core.totals import RunningTotal, running_total_device
 
@@ -221,14 +232,17 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
     try:
         with stages.stage("scoring"), adapter.observe(model) as observed:
-            mean_scores, seed_scores_top, seed_tops = _score_seeds(
+            mean_scores, seed_scores_top, seed_tops, kept = _score_seeds(
                 config, model, adapter, scored, metric, tokens, checkpoints)
         matrices = [m for s in scored for m in s.matrices]
         with stages.stage("selection"):
             selection = select(mean_scores, matrices, config.topk, config.mode)
             params = {s.name: s.param for s in scored}
-            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed,
-                     **metric.findings(_by_pointer(matrices, params), config.seq_len)}
+            stats = {**sensitivity_stats(mean_scores, matrices, params, config.topk), **observed}
+            tables = plugin_call(f"metric '{metric.name}' failed in findings",
+                                 metric.findings, kept)
+            if tables:
+                stats["findings"] = {t.name: t.stored(metric.name) for t in tables}
             top_rows = csv_rows(selection, params)
             stats["hierarchy"] = analysis.hierarchy(top_rows, len(matrices))
             write_csv(out_dir / layout.TOP_WEIGHTS, top_rows)
@@ -298,15 +312,6 @@ def _note_checkpoint_size(exc: BaseException, checkpoints: Checkpoints) -> None:
         exc.add_note(note)
 
 
-def _by_pointer(matrices, params) -> dict[int, Any]:
-    """Each matrix by the data pointer of the weight view its metric callbacks see."""
-    found: dict[int, Any] = {}
-    for m in matrices:
-        weight = params[m.param].detach()
-        found.setdefault((weight if m.expert is None else weight[m.expert]).data_ptr(), m)
-    return found
-
-
 def _check_scored(config: RunConfig, source: loading.ModelSource, adapter: ModelAdapter,
                   scored: list[ScoredParam], out_dir: Path | None = None) -> None:
     """Something to score, a top-k the matrices can supply, and (given `out_dir`) room on the
@@ -334,24 +339,27 @@ def prepared(evaluators: list[Evaluator], model: torch.nn.Module,
 
 def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[ScoredParam],
                  metric: Metric, tokens: data.TokenData, checkpoints: Checkpoints):
-    """Score once per seed; return the seeds' mean scores, each seed's own top-k, and (for
-    --stability-check) each scored seed's top-4k per unit, taken while its scores are alive.
+    """Score once per seed; return the seeds' mean scores, each seed's own top-k, (for
+    --stability-check) each scored seed's top-4k per unit, taken while its scores are alive,
+    and what the metric kept of every matrix (`Metric.keep`) for every seed.
 
     Only the seed being scored has scores on the accelerator; the finished seeds' sum waits on
     the host (`RunningTotal`). After each seed its top-k is checkpointed, and the running sum too
     when `checkpoints` finds it worth writing (it is written in the background while the next
     seed scores), so `--resume` continues with the next seed and sums in the same order: the
-    result is bit-identical to an uninterrupted run's.
+    result is bit-identical to an uninterrupted run's. A seed's unit holds its top-k and what
+    the metric kept of it.
     """
     accum = ACCUM_DTYPES[config.accum_dtype]
     scoring = ScoringRun(model, adapter, scored, metric, accum, config.batch_size,
                          gradient_checkpointing=config.gradient_checkpointing)
     matrices = [m for s in scored for m in s.matrices]
+    slots = [slot for s in scored for slot in s.slots]
     devices = {s.name: s.param.device for s in scored}
-    total, per_seed = _restored(checkpoints, config.seeds, matrices, devices,
-                                running_total_device(scoring.device))
+    total, per_seed, kept = _restored(checkpoints, config.seeds, matrices, slots, devices,
+                                      running_total_device(scoring.device))
     seed_tops: dict[int, stability.SeedTop] = {}
-    offsets = stability.param_offsets(scored)
+    offsets = param_offsets({s.name: s.param for s in scored})
     remaining = config.seeds[len(per_seed):]
     sums: dict[str, torch.Tensor] = {}
     if not remaining:  # every seed was restored: the mean is made where the scores belong
@@ -362,7 +370,9 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
         blocks = tokens.draw(seed, config.max_samples)
         scores = scoring.score(blocks, seed, label=f"seed {seed}")
         per_seed[seed] = select(scores, matrices, config.topk, config.mode)
-        checkpoints.save_tensors(f"seed_{seed}", selection_tensors(per_seed[seed], matrices))
+        kept[seed] = scoring.kept
+        checkpoints.save_tensors(f"seed_{seed}", {
+            **selection_tensors(per_seed[seed], matrices), **kept_tensors(kept[seed], slots)})
         if config.stability_check and len(config.seeds) > 1:
             seed_tops[seed] = stability.capture(scores, matrices, offsets, config.topk,
                                                 config.mode)
@@ -381,20 +391,30 @@ def _score_seeds(config: RunConfig, model, adapter: ModelAdapter, scored: list[S
             unsaved_s = 0.0
     for value in sums.values():
         value.div_(len(config.seeds))
-    return sums, per_seed, seed_tops
+    return sums, per_seed, seed_tops, kept_by_matrix(scored,
+                                                     [kept[seed] for seed in config.seeds])
 
 
-def _restored(checkpoints: Checkpoints, seeds: list[int], matrices, devices,
-              host: torch.device) -> tuple[RunningTotal, dict[int, Selection]]:
-    """The sum and the per-seed top-k of the seeds an interrupted run finished (none if fresh)."""
+def kept_by_matrix(scored: list[ScoredParam], seeds: list[dict[Slot, dict[str, torch.Tensor]]]
+                   ) -> list[Kept]:
+    """What the metric kept (`ScoringRun.kept` of each seed, in order), matrix by matrix."""
+    return [Kept(name, e, [m for m in s.matrices if m.expert == e],
+                 [seed[name, e] for seed in seeds]) for s in scored for name, e in s.slots]
+
+
+def _restored(checkpoints: Checkpoints, seeds: list[int], matrices, slots, devices,
+              host: torch.device) -> tuple[RunningTotal, dict[int, Selection], dict[int, Any]]:
+    """The sum, the per-seed top-k and what the metric kept of the seeds an interrupted run
+    finished (none if fresh)."""
     saved = checkpoints.load_tensors("scores")
     done = [int(seed) for seed in saved[1]["seeds"].split(",")] if saved else []
-    tops = [checkpoints.load_tensors(f"seed_{seed}") for seed in done]
-    if not (saved and done == seeds[:len(done)] and all(tops)):
-        return RunningTotal(host=host), {}
+    units = [checkpoints.load_tensors(f"seed_{seed}") for seed in done]
+    if not (saved and done == seeds[:len(done)] and all(units)):
+        return RunningTotal(host=host), {}, {}
     log.info("resuming after seeds %s", done)
     return (RunningTotal(saved[0], done, host),
-            {seed: selection_from(top[0], matrices, devices) for seed, top in zip(done, tops)})
+            {seed: selection_from(unit[0], matrices, devices) for seed, unit in zip(done, units)},
+            {seed: kept_from(unit[0], slots) for seed, unit in zip(done, units)})
 
 
 def _manifest(config, argv, source, model, model_config, adapter, scored, tokens, device, dtype,

@@ -311,23 +311,41 @@ def stability_analysis(run: RunFiles) -> Figure | str:
     matrix = jaccard_matrix(seeds, pairs, s["jaccard_all"])
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=(1, 1.3))
-    image = left.imshow(matrix, vmin=0, vmax=1)
-    for (i, j), value in np.ndenumerate(matrix):
-        left.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=9,
-                  color="black" if value > 0.6 else "white")
-    ticks = [str(seed) for seed in seeds]
-    left.set_xticks(range(len(seeds)), ticks)
-    left.set_yticks(range(len(seeds)), ticks)
+    jaccard_panel(left, matrix, [str(seed) for seed in seeds], "Jaccard |A∩B| / |A∪B|", 3)
     left.set_xlabel("seed")
     left.set_ylabel("seed")
-    left.spines[:].set_visible(False)
-    fig.colorbar(image, ax=left, fraction=0.046, pad=0.03).set_label("Jaccard |A∩B| / |A∪B|")
     k = s.get("topk", run.config.get("topk"))
     left.set_title(f"Jaccard of top-{k} sets: mean {s['jaccard_mean']:.3f} "
                    f"± {s['jaccard_std']:.3f}", loc="left")
     _overlap_vs_k(right, s, k)
     fig.suptitle(f"Stability across calibration seeds ({s['num_seeds']} seeds): {run.title()}")
     return fig
+
+
+def jaccard_panel(ax, matrix: np.ndarray, labels: list[str], label: str, decimals: int) -> None:
+    """A matrix of Jaccard values (0 to 1) with each value written in its cell."""
+    image = ax.imshow(matrix, vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:.{decimals}f}", ha="center", va="center", fontsize=9,
+                color="black" if value > 0.6 else "white")
+    long = max(map(len, labels)) > 6  # folder names, not seeds: slanted so they do not overlap
+    ax.set_xticks(range(len(labels)), labels, rotation=35 if long else 0,
+                  ha="right" if long else "center")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.spines[:].set_visible(False)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label(label)
+
+
+def comparison_heatmap(result: dict[str, Any]) -> bytes:
+    """`esa compare`'s Jaccard matrix of the runs' top-k sets, as a PNG in the figures' style."""
+    labels = result["labels"]
+    with rc_context(STYLE):
+        fig = Figure(figsize=(2.2 + 1.1 * len(labels), 1.8 + 1.0 * len(labels)),
+                     layout="constrained")
+        ax = fig.subplots()
+        jaccard_panel(ax, np.array(result["jaccard_matrix"]), labels, "Jaccard of top-k sets", 2)
+        ax.set_title(f"Top-k overlap: {result['model']['id']}", loc="left")
+        return png_bytes(fig)
 
 
 def jaccard_matrix(seeds: list[int], pairs: list, values: list[float]) -> np.ndarray:

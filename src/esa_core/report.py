@@ -12,11 +12,20 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from esa_core.layout import CONDITIONS, FIGURES, PLOTS, REPORT, RunFiles
+from esa_core.layout import (
+    CONDITIONS,
+    CSV_COLUMNS,
+    FIGURES,
+    PLOTS,
+    REPORT,
+    SENSITIVITY_STATS,
+    RunFiles,
+)
 from esa_core.plots import Figures, perturbation_sections, render
 from esa_core.results import atomic_write_text
 
 TOP_ROWS = 20
+TERMINAL_ROWS = 20  # marked rows of a findings table printed; the rest are in the file
 CAPTIONS = dict(zip(FIGURES, (
     "Where the sensitive weights are: per-matrix maximum score and "
     "mean score of the selected weights, by layer and component.",
@@ -84,7 +93,7 @@ def page(run: RunFiles, figures: Figures) -> str:
         "</div>",
         _results(run),
         _ablation(run),
-        _detection(run),
+        *_findings(run),
         _top_weights(run),
         "<h2>Figures</h2>",
     ]
@@ -171,7 +180,7 @@ def _results(run: RunFiles) -> str:
 def _top_weights(run: RunFiles) -> str:
     if not run.top:
         return "<h2>Top weights</h2><p class='note'>top_weights.csv is missing.</p>"
-    cols = ["rank", "param", "layer", "component", "expert", "row", "col", "score", "weight"]
+    cols = list(CSV_COLUMNS)
     rows = [[w[c] for c in cols] for w in sorted(run.top, key=lambda w: w["rank"])[:TOP_ROWS]]
     return (f"<h2>Top {min(TOP_ROWS, len(run.top))} weights (of {len(run.top):,})</h2>"
             "<p class='note'>the weight is <code>param[row, col]</code>, or "
@@ -180,7 +189,8 @@ def _top_weights(run: RunFiles) -> str:
 
 
 def findings(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str]:
-    """Terminal lines: the critical weights of --ablate-top and the super-weight detection."""
+    """Terminal lines: the critical weights of --ablate-top and the metric's findings tables
+    (their marked rows, as an aligned table)."""
     lines = []
     ablation = manifest.get("ablation")
     if ablation:
@@ -191,14 +201,8 @@ def findings(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str
         lines += [f"  {_where(w)}  x{w['ratio']:.3g}  (score rank {w['score_rank']})"
                   if w["ratio"] is not None else f"  {_where(w)}  broken (non-finite)"
                   for w in crit] or ["  none"]
-    detection = (stats or {}).get("super_weight_detection")
-    if detection:
-        passed = [d for d in detection["layers"] if d["passes"]]
-        lines.append(f"Super-weight detection (Yu et al.: both |activations| > "
-                     f"{detection['threshold']:g}): {len(passed)} layer(s)")
-        lines += [f"  {d['param']}[{d['row']}, {d['col']}]  |out| {d['output_max']:.4g} at "
-                  f"token {d['output_token']}, |in| {d['input_max']:.4g} at token "
-                  f"{d['input_token']}" for d in passed]
+    for table in (stats or {}).get("findings", {}).values():
+        lines += _findings_text(table)
     return lines
 
 
@@ -224,12 +228,51 @@ def _ablation(run: RunFiles) -> str:
                                                               for r in run.ablation]))
 
 
-def _detection(run: RunFiles) -> str:
-    detection = (run.stats or {}).get("super_weight_detection")
-    if not detection:
-        return ""
-    cols = ["param", "layer", "row", "col", "output_max", "output_token", "input_max",
-            "input_token", "passes"]
-    return (f"<h2>Super-weight detection (Yu et al. 2024)</h2><p class='note'>"
-            f"{escape(detection['rule'])}</p>"
-            + _table(cols, [[d.get(c) for c in cols] for d in detection["layers"]]))
+def _marked(table: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """The rows a findings table marks (all rows when it marks none), and how many of how many."""
+    rows, mark = table["rows"], table.get("mark")
+    if mark is None:
+        return rows, f"{len(rows)} row(s)"
+    marked = [r for r in rows if r[mark]]
+    return marked, f"{len(marked)} of {len(rows)} row(s) with {mark}"
+
+
+def _findings_text(table: dict[str, Any]) -> list[str]:
+    """A findings table's title and count, then its marked rows aligned under their columns."""
+    marked, count = _marked(table)
+    cols = [c["name"] for c in table["columns"] if c["name"] != table.get("mark")]
+    cells = [cols] + [[_text(r[c]) for c in cols] for r in marked[:TERMINAL_ROWS]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [f"{table['title']}{_facts(table, ' (', ')')}: {count}"]
+    if marked:
+        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
+                  for row in cells]
+    if len(marked) > TERMINAL_ROWS:
+        lines.append(f"  ... {len(marked) - TERMINAL_ROWS} more in {SENSITIVITY_STATS}")
+    return lines
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _facts(table: dict[str, Any], before: str = "", after: str = "") -> str:
+    """A findings table's facts as `name value, ...` (empty when it has none)."""
+    facts = ", ".join(f"{k} {_text(v)}" for k, v in table["facts"].items())
+    return f"{before}{facts}{after}" if facts else ""
+
+
+def _findings(run: RunFiles) -> list[str]:
+    """One section per findings table a metric returned, as it declared it."""
+    sections = []
+    for table in (run.stats or {}).get("findings", {}).values():
+        cols = [c["name"] for c in table["columns"]]
+        said = "; ".join(filter(None, (table["note"], _facts(table), _marked(table)[1])))
+        legend = "; ".join(f"<code>{escape(c['name'])}</code>: {escape(c['help'])}"
+                           for c in table["columns"] if c["help"])
+        sections.append(f"<h2>{escape(table['title'])}</h2><p class='note'>{escape(said)}</p>"
+                        + _table(cols, [[r[c] for c in cols] for r in table["rows"]])
+                        + (f"<p class='note'>{legend}</p>" if legend else ""))
+    return sections

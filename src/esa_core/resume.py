@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from esa_core import distributed
-from esa_core.api import LogicalMatrix
+from esa_core.api import LogicalMatrix, Slot
 from esa_core.config import DEFAULTS, NOT_RESULTS
 from esa_core.errors import EsaError
 from esa_core.layout import CHECKPOINTS, MANIFEST, read_json
@@ -278,9 +278,31 @@ def selection_tensors(selection: Selection, matrices: list[LogicalMatrix]
 def selection_from(tensors: dict[str, torch.Tensor], matrices: list[LogicalMatrix],
                    devices: dict[str, torch.device]) -> Selection:
     """The selection `selection_tensors` saved, each matrix's picks on its parameter's device."""
-    held = sorted({int(k.split(".")[0]) for k in tensors})
+    held = sorted({int(k.split(".")[0]) for k in tensors if not k.startswith(KEPT)})
     return Selection([
         Picks(matrices[i], *(tensors[f"{i}.{part}"].to(devices[matrices[i].param])
                              for part in ("rows", "cols", "scores")))
         for i in held
     ])
+
+
+KEPT = "kept."
+
+
+def kept_tensors(kept: dict[Slot, dict[str, torch.Tensor]], slots: list[Slot]
+                 ) -> dict[str, torch.Tensor]:
+    """What a metric kept of each matrix (`Metric.keep`) as named tensors
+    (`kept.<slot index>.<name>`), saved in the seed's unit beside its top-k."""
+    return {f"{KEPT}{i}.{name}": value for i, slot in enumerate(slots)
+            for name, value in kept.get(slot, {}).items()}
+
+
+def kept_from(tensors: dict[str, torch.Tensor], slots: list[Slot]
+              ) -> dict[Slot, dict[str, torch.Tensor]]:
+    """The kept state `kept_tensors` saved, by slot."""
+    kept: dict[Slot, dict[str, torch.Tensor]] = {slot: {} for slot in slots}
+    for key, value in tensors.items():
+        if key.startswith(KEPT):
+            index, name = key[len(KEPT):].split(".", 1)
+            kept[slots[int(index)]][name] = value
+    return kept

@@ -40,6 +40,20 @@ class Picks:
             return rows_cols
         return rows_cols + self.matrix.expert * shape[-2] * shape[-1]
 
+    def keys(self, offsets: Mapping[str, int], shape: torch.Size) -> torch.Tensor:
+        """Model-wide keys (on the CPU): the parameter's offset (`param_offsets`) plus `flat`,
+        so picks of any matrices compare weight by weight."""
+        return offsets[self.matrix.param] + self.flat(shape).cpu()
+
+
+def param_offsets(params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Where each parameter starts when all of them are laid end to end, in the given order."""
+    offsets, start = {}, 0
+    for name, param in params.items():
+        offsets[name] = start
+        start += param.numel()
+    return offsets
+
 
 @dataclass
 class Selection:
@@ -88,9 +102,7 @@ def top_k(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tenso
 def _top(matrix: LogicalMatrix, score: torch.Tensor, k: int, largest: bool) -> Picks:
     view = matrix.view(score)
     values, flat = top_k(view.reshape(-1), min(k, view.numel()), largest)
-    cols = flat % view.shape[1]
-    rows = matrix.real_row(torch.div(flat, view.shape[1], rounding_mode="floor"))
-    return Picks(matrix, rows, cols, values)
+    return Picks(matrix, *matrix.coordinates(flat, view.shape[1]), values)
 
 
 def matrix_size(matrix: LogicalMatrix, shape: torch.Size) -> int:

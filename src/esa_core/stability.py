@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from scipy import stats
 
-from esa_core.api import LogicalMatrix, ScoredParam
+from esa_core.analysis import mean_std
+from esa_core.api import LogicalMatrix
 from esa_core.layout import STABILITY_SUMMARY
 from esa_core.results import write_json
 from esa_core.selection import Picks, select
@@ -56,18 +57,9 @@ class SeedTop:
         return np.concatenate(list(self.top(k).values()))
 
 
-def param_offsets(scored: Sequence[ScoredParam]) -> dict[str, int]:
-    """Where each scored parameter starts when all of them are laid end to end."""
-    offsets, start = {}, 0
-    for s in scored:
-        offsets[s.name] = start
-        start += s.param.numel()
-    return offsets
-
-
 def _keys_scores(picks: Sequence[Picks], offsets: Mapping[str, int],
                  shapes: Mapping[str, torch.Size]) -> tuple[np.ndarray, np.ndarray]:
-    keys = [(p.flat(shapes[p.matrix.param]) + offsets[p.matrix.param]).cpu() for p in picks]
+    keys = [p.keys(offsets, shapes[p.matrix.param]) for p in picks]
     scores = [p.scores.double().cpu() for p in picks]
     keys_np = torch.cat(keys).numpy().astype(np.int64)
     scores_np = torch.cat(scores).numpy()
@@ -106,14 +98,6 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and population standard deviation (ddof=0) of the defined values."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return float(np.mean(vals)), float(np.std(vals))
-
-
 def _scores_at(unit: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> np.ndarray:
     """A seed's recorded scores at `keys`; -inf (ranked last, tied) where it recorded none."""
     own_keys, own_scores = unit
@@ -126,7 +110,7 @@ def _scores_at(unit: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> np.ndar
 def _overlap(tops: Mapping[int, SeedTop], k: int, pairs) -> dict[str, Any]:
     sets = {seed: top.top_set(k) for seed, top in tops.items()}
     values = [jaccard(sets[a], sets[b]) for a, b in pairs]
-    mean, std = _mean_std(values)
+    mean, std = mean_std(values)
     common = set.intersection(*(set(keys) for keys in sets.values()))
     union = set().union(*(set(keys) for keys in sets.values()))
     return {"k": k, "jaccard_mean": mean, "jaccard_std": std, "jaccard_all": values,
@@ -141,7 +125,7 @@ def _unit_detail(tops: Mapping[int, SeedTop], unit: str, k: int, pairs) -> dict[
     jac = [jaccard(tops_k[a], tops_k[b]) for a, b in pairs]
     rho = [rank_correlation(at[a], at[b]) for a, b in pairs]
     known = sum(int(np.isfinite(v).sum()) for v in at.values())
-    return {"jaccard_mean": _mean_std(jac)[0], "jaccard_all": jac, "spearman_all": rho,
+    return {"jaccard_mean": mean_std(jac)[0], "jaccard_all": jac, "spearman_all": rho,
             "n_union": int(union.size), "n_known": known, "n_slots": union.size * len(at)}
 
 
@@ -153,7 +137,7 @@ def summarize(tops: Mapping[int, SeedTop], k: int, mode: str) -> dict[str, Any]:
     units = list(next(iter(tops.values())).units)
     detail = {unit: _unit_detail(tops, unit, k, pairs) for unit in units}
     # a pair's rank correlation: the mean over units of that pair's per-unit value
-    spearman_all = [_mean_std([d["spearman_all"][i] for d in detail.values()])[0]
+    spearman_all = [mean_std([d["spearman_all"][i] for d in detail.values()])[0]
                     for i in range(len(pairs))]
     slots = sum(d.pop("n_slots") for d in detail.values())
     known = sum(d.pop("n_known") for d in detail.values())
@@ -170,12 +154,12 @@ def summarize(tops: Mapping[int, SeedTop], k: int, mode: str) -> dict[str, Any]:
         "pairs": [list(p) for p in pairs],
         "pair_order": PAIR_ORDER,
         "jaccard_note": JACCARD_NOTE,
-        "jaccard_std_note": "population standard deviation (ddof=0) over the pairs",
+        "jaccard_std_note": "sample standard deviation (n - 1) over the pairs",
         "topk": k,
         "mode": mode,
         "rank_correlation": {
             "method": "spearman",
-            "spearman_mean": _mean_std(spearman_all)[0],
+            "spearman_mean": mean_std(spearman_all)[0],
             "spearman_all": spearman_all,
             "known_fraction": known / slots if slots else None,
             "note": RANK_NOTE,

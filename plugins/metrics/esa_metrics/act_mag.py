@@ -22,7 +22,7 @@ class ActMag(Metric):
     def init_state(self, weight, dtype):
         return torch.zeros(weight.shape[1], dtype=dtype, device=weight.device)
 
-    def on_activations(self, state, weight, inputs, outputs):
+    def on_activations(self, state, weight, inputs, outputs, positions):
         state.add_(inputs.to(state.dtype).square().sum(0))
 
     def finalize(self, state, weight, num_batches):

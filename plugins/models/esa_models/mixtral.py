@@ -101,10 +101,10 @@ class MixtralAdapter(ModelAdapter):
                     x = hidden[tokens]
                     gate_up = F.linear(x, module.gate_up_proj[e])
                     if fused_gate_up:
-                        callback(x, gate_up, e)
+                        callback(x, gate_up, e, tokens)
                     else:
                         h = module._apply_gate(gate_up)
-                        callback(h, F.linear(h, module.down_proj[e]), e)
+                        callback(h, F.linear(h, module.down_proj[e]), e, tokens)
 
         return experts.register_forward_hook(hook, with_kwargs=True)
 

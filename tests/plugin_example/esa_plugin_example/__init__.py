@@ -3,7 +3,17 @@
 import torch
 
 from esa_core import hookimpl
-from esa_core.api import DIFFERENCE, GRAD, Evaluator, Measure, Metric, Option, Perturbation
+from esa_core.api import (
+    DIFFERENCE,
+    GRAD,
+    Column,
+    Evaluator,
+    Findings,
+    Measure,
+    Metric,
+    Option,
+    Perturbation,
+)
 
 
 class AbsGrad(Metric):
@@ -14,6 +24,25 @@ class AbsGrad(Metric):
 
     def on_grad(self, state, weight, grad):
         state.add_(grad.abs().to(state.dtype))
+
+    def keep(self, state, weight):
+        """Each seed's steepest weight of the matrix."""
+        at = state.argmax()
+        return {"row": at // state.shape[1], "col": at % state.shape[1]}
+
+    def findings(self, kept):
+        """A findings table: the steepest weight per matrix, marked where every seed agrees."""
+        rows = []
+        for k in kept:
+            where = {(int(seed["row"]), int(seed["col"])) for seed in k.seeds}
+            (row, col), *_ = sorted(where)
+            rows.append({"param": k.param, "row": row, "col": col,
+                         "seeds_agreeing": len(where) == 1})
+        columns = (Column("param"), Column("row"), Column("col"),
+                   Column("seeds_agreeing", "every seed's steepest weight is this one"))
+        return [Findings("steepest_weights", "Steepest weight of each matrix", columns, rows,
+                         note="argmax of summed |gradient| per matrix and seed",
+                         mark="seeds_agreeing", facts={"seeds": len(kept[0].seeds)})]
 
 
 class ScaleBy(Perturbation):
