@@ -194,7 +194,7 @@ def test_a_log_file_gets_a_line_per_seed_and_per_stage(tiny_llama_dir, tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.stderr.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "scoring seed 1", "scoring seed 2", "scoring", "selection", "plots"]
+        "scoring seed 1", "scoring seed 2", "scoring", "selection", "plots", "report"]
     assert re.fullmatch(r"scoring seed 1: 4/4 batches, [\d.]+ s, [\d.]+ batches/s", lines[0])
     assert re.fullmatch(r"selection: done, [\d.]+ s", lines[3])
 

@@ -38,6 +38,9 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )
+    # a library's warnings (matplotlib, transformers, torch) go to the log: shown with --verbose
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         import os
 

@@ -120,6 +120,8 @@ class ScoringRun:
                 # torch's fused attention kernels have no double backward; the math one has
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             indices = distributed.shard(range(len(batches)))
+            # each batch's loss is flagged on the device (no host sync per batch), read per seed
+            finite = torch.ones(len(batches), dtype=torch.bool, device=self.device)
             if self.progress:
                 indices = progress.track(indices, f"scoring {label}".strip(), "batches")
             for index in indices:
@@ -129,12 +131,22 @@ class ScoringRun:
                 if HVP in needs:
                     # probes depend on (seed, batch) alone: the same on any number of ranks
                     probe_generator.manual_seed(seed << 32 | index)
-                    self._hvp_step(batch, states, probe_generator)
+                    loss = self._hvp_step(batch, states, probe_generator)
                 elif GRAD in needs:
-                    batch_loss(self.model, batch).backward()
+                    loss = batch_loss(self.model, batch)
+                    loss.backward()
                 else:
                     with torch.no_grad():
                         self.model(input_ids=batch, use_cache=False)
+                    continue
+                finite[index] = torch.isfinite(loss.detach())
+        bad = torch.nonzero(finite.logical_not()).flatten().tolist()
+        if bad:
+            more = f" (and {len(bad) - 1} later ones)" if len(bad) > 1 else ""
+            raise EsaError(f"the loss became non-finite while scoring seed {seed}, at batch "
+                           f"{bad[0] + 1} of {len(batches)}{more}, so every score would be "
+                           "NaN: the model overflows on this text (in fp16, try --dtype bf16 "
+                           "or fp32).")
         distributed.all_reduce(states, self.metric.state_reduce)
         return self._finalize(states, len(batches))
 
@@ -173,7 +185,8 @@ class ScoringRun:
                 f"batch of {len(self._grid)} tokens without saying which tokens they are.")
         return self._grid
 
-    def _hvp_step(self, batch: torch.Tensor, states, generator: torch.Generator) -> None:
+    def _hvp_step(self, batch: torch.Tensor, states, generator: torch.Generator
+                  ) -> torch.Tensor:
         params = [s.param for s in self.scored]
         loss = batch_loss(self.model, batch)
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -191,7 +204,7 @@ class ScoringRun:
                           states[(s.name, e)], _view(s.param.detach(), e), _view(hz, e),
                           _view(z, e))
             del zs, hzs
-        del grads, loss
+        return loss.detach()  # the graph goes with `grads` and `loss` here
 
     def _finalize(self, states: dict[Slot, object], num_batches: int) -> dict[str, torch.Tensor]:
         scores: dict[str, torch.Tensor] = {}

@@ -269,3 +269,31 @@ def empty_model(config, trust_remote_code: bool = False) -> torch.nn.Module | No
         log.info("could not build %s on the meta device (%s); shape checks wait for the load",
                  getattr(config, "model_type", "the model"), exc)
         return None
+
+
+def refuse_nonfinite(model: torch.nn.Module, model_id: str) -> None:
+    """Refuse a model holding NaN or infinite weights: every score and measure would be NaN.
+
+    Matrix by matrix, where each weight lives: a sum in fp32 is non-finite whenever any of its
+    terms is (a pass as fast as reading the weights; an elementwise test is many times slower
+    on a CPU), read once per device; only a flagged matrix (or one whose sum overflowed) has its
+    non-finite weights counted.
+    """
+    sums: dict[torch.device, list[tuple[str, torch.nn.Parameter, torch.Tensor]]] = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            sums.setdefault(param.device, []).append(
+                (name, param, param.detach().sum(dtype=torch.float32)))
+    flagged = [(name, param) for listed in sums.values()
+               for (name, param, _), finite in zip(
+                   listed, torch.stack([s for *_, s in listed]).isfinite().tolist())
+               if not finite]
+    found = {name: n for name, param in flagged
+             if (n := int(torch.count_nonzero(torch.isfinite(param.detach()).logical_not_())))}
+    if found:
+        listed = ", ".join(f"{name} ({n})" for name, n in list(found.items())[:3])
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise EsaError(f"'{model_id}' has {sum(found.values())} non-finite weights (NaN or "
+                       f"infinite) in {len(found)} parameter{'s' if len(found) > 1 else ''}: "
+                       f"{listed}{more}; every score would be NaN. Repair or re-download the "
+                       "model.")

@@ -25,12 +25,11 @@ from esa_core import (
     criteria,
     data,
     distributed,
+    finish,
     layout,
     loading,
     perturbation,
-    plots,
     progress,
-    report,
     stability,
 )
 from esa_core.api import (
@@ -183,6 +182,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     if out_dir.is_dir():
         lock.acquire()  # refuse at once, not after loading, if another process writes here
     previous = resumable_manifest(out_dir, config.to_dict()) if config.resume else None
+    if finish.only_finishing_left(previous):
+        return _finish_only(out_dir, previous, config, argv, stages, lock, started_at)
     metric: Metric = plugins.metric
     rules: list[Perturbation] = plugins.perturbations
 
@@ -201,6 +202,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         model, tokenizer = adapter.load(source, dtype, device,
                                         trust_remote_code=config.trust_remote_code,
                                         device_map=config.device_map)
+        loading.refuse_nonfinite(model, source.model_id)
         scored = adapter.scored_params(model, include, config.exclude)
         _check_scored(config, source, adapter, scored)
     with stages.stage("data"):
@@ -230,7 +232,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     if previous:
         manifest.update(resume_record(previous, started_at))
     write_json(out_dir / MANIFEST, {**manifest, "status": "running"})
-    try:
+    with _recorded(out_dir, manifest, stages, checkpoints, lock):
         with stages.stage("scoring"), adapter.observe(model) as observed:
             mean_scores, seed_scores_top, seed_tops, kept = _score_seeds(
                 config, model, adapter, scored, metric, tokens, checkpoints)
@@ -276,16 +278,48 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                 manifest["ablation"] = ablation.run(
                     study, selection, top_rows, config.ablate_top,
                     config.critical_ratio, out_dir)
-            write_json(out_dir / MANIFEST, {**manifest, "status": "running"})  # for the plots
-        with stages.stage("plots"):  # from the files just written, as `esa report` does
-            # under torchrun only rank 0 wrote them; the other ranks have nothing to draw
-            figures = plots.render(layout.RunFiles.read(out_dir)) if distributed.is_main() else None
-            if config.save_plots and figures is not None:
-                figures.save(out_dir / layout.PLOTS)
+        _write_outputs(out_dir, manifest, config, stages)
+    return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
+
+
+def _write_outputs(out_dir: Path, manifest: dict[str, Any], config: RunConfig,
+                   stages: Stages) -> None:
+    finish.write_outputs(out_dir, manifest, config.save_plots, stages.stage, lambda: {
+        "status": "complete", "last_completed_stage": stages.completed,
+        "timings": {**manifest.get("timings", {}), **stages.timings, "total_s": stages.total()},
+        "finished_at": now()})
+
+
+def _finish_only(out_dir: Path, previous: dict[str, Any], config: RunConfig, argv, stages: Stages,
+                 lock: FolderLock, started_at: str) -> RunResult:
+    """--resume of a run that failed while drawing or writing its report: every result file is
+    in place, so only the figures, the report and the manifest are written."""
+    stages.announce = True
+    checkpoints = Checkpoints(out_dir, config.to_dict(), config.checkpoint)
+    manifest = {k: v for k, v in previous.items() if k not in finish.FAILURE_KEYS}
+    if argv is not None:
+        manifest["argv"] = list(argv)
+    manifest.update(resume_record(previous, started_at))
+    with _recorded(out_dir, manifest, stages, checkpoints, lock):
+        remove_leftovers(out_dir)
+        _write_outputs(out_dir, manifest, config, stages)
+    files = layout.RunFiles.read(out_dir)
+    return RunResult(out_dir, manifest, finish.selection_of(files.top), files.stats or {})
+
+
+@contextmanager
+def _recorded(out_dir: Path, manifest: dict[str, Any], stages: Stages, checkpoints: Checkpoints,
+              lock: FolderLock) -> Iterator[None]:
+    """The writing part of a run: if it stops, the manifest says `interrupted`, in which stage
+    and why; if it completes, the checkpoints are removed. The folder's lock is let go."""
+    try:
+        yield
     except BaseException as exc:
         exc.esa_out_dir = out_dir  # where the CLI puts error.log
         manifest.update(status="interrupted", last_completed_stage=stages.completed,
-                        error=f"{type(exc).__name__}: {exc}", timings=stages.timings,
+                        failed_stage=getattr(exc, "esa_stage", None),
+                        error=f"{type(exc).__name__}: {exc}",
+                        timings={**manifest.get("timings", {}), **stages.timings},
                         finished_at=now())
         # a full disk may refuse this write too: the user needs the first error, not this one
         with suppress(Exception):
@@ -294,14 +328,8 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         lock.release()
         _note_checkpoint_size(exc, checkpoints)
         raise
-    manifest.update(status="complete", last_completed_stage=stages.completed,
-                    timings={**stages.timings, "total_s": stages.total()}, finished_at=now())
-    write_json(out_dir / MANIFEST, manifest)
-    if figures is not None:
-        report.write(layout.RunFiles.read(out_dir), figures)  # the page shows the final timings
     checkpoints.clear()
     lock.release()
-    return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
 
 def _note_checkpoint_size(exc: BaseException, checkpoints: Checkpoints) -> None:

@@ -121,10 +121,22 @@ def heatmap_grid(stats: dict[str, Any], top: list[dict[str, Any]]) -> HeatmapGri
     return HeatmapGrid(rows, layers, peak, top_mean, count)
 
 
-def sensitivity_heatmap(run: RunFiles) -> Figure | str:
-    """Layers across, components (x experts) down; per-matrix max and top-k mean, log colour."""
+def scores_unusable(run: RunFiles) -> str | None:
+    """Why the score figures cannot be drawn, if they cannot: no statistics, or non-finite
+    scores (stored as null in JSON, nan in the CSV), which no log axis or colour map can place."""
     if run.stats is None:
         return "sensitivity_stats.json is missing"
+    peak = run.stats.get("global", {}).get("max")
+    if not (isinstance(peak, (int, float)) and math.isfinite(peak)) or not all(
+            math.isfinite(w["score"]) for w in run.top):
+        return "the scores are not finite (NaN or infinite): there is nothing to draw"
+    return None
+
+
+def sensitivity_heatmap(run: RunFiles) -> Figure | str:
+    """Layers across, components (x experts) down; per-matrix max and top-k mean, log colour."""
+    if unusable := scores_unusable(run):
+        return unusable
     grid = heatmap_grid(run.stats, run.top)
     rows, layers, count = grid.rows, grid.layers, grid.count
     height = 0.22 * len(rows) + 1.3
@@ -194,8 +206,8 @@ def _write_counts(ax, count: np.ndarray) -> None:
 
 def weight_distribution(run: RunFiles) -> Figure | str:
     """CCDF of the scores (global, per component) with the tail fit; |w| of top-k vs all."""
-    if run.stats is None:
-        return "sensitivity_stats.json is missing"
+    if unusable := scores_unusable(run):
+        return unusable
     glob = run.stats["global"]
     if "ccdf" not in glob:
         return "sensitivity_stats.json has no ccdf (written by an older ESA)"

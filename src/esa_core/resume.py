@@ -201,8 +201,10 @@ class Checkpoints:
         old = path.stat().st_size if path.is_file() else 0
         free = shutil.disk_usage(self.folder).free
         if free + old < nbytes + FREE_SPACE_MARGIN:
-            return self._skip(unit, f"it needs {human_bytes(nbytes)} and the disk has "
-                              f"{human_bytes(free + old)} free")
+            return self._skip(unit, f"it needs {human_bytes(nbytes)}, plus "
+                              f"{human_bytes(FREE_SPACE_MARGIN)} kept free so that the results "
+                              f"can still be written, and the disk has {human_bytes(free + old)}"
+                              " free")
         path.unlink(missing_ok=True)  # never the old and the new version on disk at once
         start = time.perf_counter()
         try:
