@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from esa_evaluators.perplexity import Perplexity
 from scipy import stats as scipy_stats
 
 from esa_core import analysis
 from esa_core.api import DIFFERENCE, RELATIVE, Measure
 from esa_core.stats import hill_tail_index, sensitivity_stats
-from esa_evaluators.perplexity import Perplexity
 
 PPL, ACC = Perplexity().measures()  # the default evaluator's declarations
 

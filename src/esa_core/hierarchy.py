@@ -4,10 +4,10 @@ The unit is a logical matrix's score mass per weight (its mean score): every mod
 counts of top-k weights say nothing in per_layer mode (each matrix holds exactly k) and a global
 top-k inside a few matrices is concentrated by construction. For layers, and separately for
 components, the statistic is the hottest group's mean density, and the effect how many times
-it exceeds the mean density of the other matrices. The null: a matrix's density does not depend on its layer (component), so
-the densities permuted across matrices, group sizes kept, are as likely as the observed
-grouping (`scipy.stats.permutation_test`). Scores that are independent of the matrix give
-matrices of near-equal density, which no grouping separates.
+it exceeds the mean density of the other matrices. The null: a matrix's density does not
+depend on its layer (component), so the densities permuted across matrices, group sizes kept,
+are as likely as the observed grouping (`scipy.stats.permutation_test`). Scores independent of
+the matrix give exchangeable matrices, which the test then rejects at most 5% of the time.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from esa_core.api import PER_ITEM, DIFFERENCE, EvalData, Evaluator, Measure, Option
+from esa_core.api import DIFFERENCE, PER_ITEM, EvalData, Evaluator, Measure, Option
 from esa_core.errors import EsaError
 
 METRIC = "acc"  # the harness's accuracy: the highest-loglikelihood choice is the right one

@@ -14,8 +14,7 @@ import math
 import torch
 from torch import nn
 
-from esa_core.api import (DIFFERENCE, ITEM_EXP_MEAN, PER_ITEM, RELATIVE, EvalData, Evaluator,
-                          Measure)
+from esa_core.api import DIFFERENCE, ITEM_EXP_MEAN, PER_ITEM, RELATIVE, EvalData, Evaluator, Measure
 from esa_core.progress import track
 
 
