@@ -198,7 +198,8 @@ def _separation_ci(super_values: list[float], draws: list[float]) -> list[float]
 
 def bootstrap_ci(samples: list[list[float]], statistic) -> list[float] | None:
     """A percentile bootstrap interval of `statistic`; None where it is undefined (a non-finite
-    value, a sample of one) and the point itself where every resample agrees."""
+    value, a sample of one, a resample whose statistic is not finite) and the point itself
+    where every resample agrees."""
     if any(len(s) < 2 for s in samples) or not all(math.isfinite(v) for s in samples for v in s):
         return None
     data = [np.asarray(s, dtype=float) for s in samples]
@@ -209,8 +210,8 @@ def bootstrap_ci(samples: list[list[float]], statistic) -> list[float] | None:
         result = stats.bootstrap(data, statistic, paired=False, vectorized=True,
                                  confidence_level=CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
                                  method="percentile", rng=np.random.default_rng(0))
-    low, high = result.confidence_interval
-    return [float(low), float(high)]
+    low, high = (float(v) for v in result.confidence_interval)
+    return [low, high] if math.isfinite(low) and math.isfinite(high) else None
 
 
 def phase3_criteria(analysis: dict[str, Any] | None, measures: Sequence[Measure],

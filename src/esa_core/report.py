@@ -188,8 +188,9 @@ def change_rows(control: dict[str, Any] | None) -> list[list[Any]]:
     """[type, change, condition, value with its interval, what the interval is] for every change
     in control_analysis.json (the type empty for a single perturbation type)."""
     sections = (control or {}).get("by_perturbation") or ({"": control} if control else {})
-    return [[kind, key, name, with_interval(change, m["intervals"].get(name)),
-             m["interval_note"]]
+    # a folder written before intervals existed has none: its rows say so
+    return [[kind, key, name, with_interval(change, m.get("intervals", {}).get(name)),
+             m.get("interval_note", "no intervals in this result folder")]
             for kind, a in sections.items() for key, m in a.get("measures", {}).items()
             for name, change in m["changes"].items()]
 
