@@ -17,8 +17,10 @@ no download is needed. It is saved as a model folder with the embedded SmolLM2 t
 `--mode global` runs both with a global top-100 instead of per_layer.
 
 Each step appends a row to benchmarks/RESULTS.md: wall seconds per stage (the manifest's
-timings), peak memory (CUDA: torch's peak allocated bytes; CPU: the process's peak resident set)
-and bytes the process wrote (/proc/self/io wchar: result files, checkpoints, the model folder).
+timings), peak memory (CUDA: torch's peak allocated bytes; CPU: the process's peak resident set),
+on CUDA the peak pinned host memory (torch's pinned-memory allocator: the seeds' running sum
+lives there), and bytes the process wrote (/proc/self/io wchar: result files, checkpoints, the
+model folder).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ GUIDE_RUNS = {"phase1": ("Phase 1: grad_x_weight {mode} top-100, 3 seeds, stabil
                          PHASE_1),
               "phase3": ("Phase 3: Phase 1 + sign_flip against random_k, bottom_k", PHASE_3)}
 HEADER = ("| date | device | shape | step | wall s per stage | total s | peak memory GB | "
-          "written MB |")
+          "peak pinned host GB | written MB |")
 
 
 def written_bytes() -> int:
@@ -117,8 +119,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def pinned_peak(reset: bool = False) -> int:
+    """Peak bytes of CUDA's pinned host allocator (0 where CUDA is not in use); `reset` starts
+    a new peak."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0
+    if reset:
+        torch.cuda.memory.reset_peak_host_memory_stats()
+        return 0
+    return int(torch.cuda.memory.host_memory_stats().get("allocated_bytes.peak", 0))
+
+
 class Step:
-    """Peak memory and bytes written around one step."""
+    """Peak memory, peak pinned host memory and bytes written around one step."""
 
     def __init__(self, device: str) -> None:
         import torch
@@ -128,6 +143,7 @@ class Step:
     def __enter__(self) -> Step:
         gc.collect()
         self.memory.start()
+        pinned_peak(reset=True)
         self.written = written_bytes()
         self.wall = time.perf_counter()
         return self
@@ -135,6 +151,7 @@ class Step:
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.wall
         self.peak = self.memory.peak() + self.memory.base  # what the device held at most
+        self.pinned = pinned_peak()
         self.written = written_bytes() - self.written
 
 
@@ -156,13 +173,14 @@ def row(args, step_name: str, stages: dict, step: Step) -> dict:
             "shape": args.shape_label, "step": step_name,
             "stages": {k.removesuffix("_s"): v for k, v in stages.items() if k != "total_s"},
             "total_s": round(step.wall, 2), "peak_bytes": step.peak,
-            "written_bytes": step.written}
+            "pinned_peak_bytes": step.pinned, "written_bytes": step.written}
 
 
 def markdown(r: dict) -> str:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
     return (f"| {r['date']} | {r['device']} | {r['shape']} | {r['step']} | {stages} | "
-            f"{r['total_s']:.1f} | {r['peak_bytes'] / 1e9:.2f} | {r['written_bytes'] / 1e6:.1f} |")
+            f"{r['total_s']:.1f} | {r['peak_bytes'] / 1e9:.2f} | "
+            f"{r['pinned_peak_bytes'] / 1e9:.2f} | {r['written_bytes'] / 1e6:.1f} |")
 
 
 def append(results: Path, rows: list[dict], command: str) -> None:
@@ -170,7 +188,7 @@ def append(results: Path, rows: list[dict], command: str) -> None:
     if "## GPU guide runs" not in text:
         text += ("\n## GPU guide runs (benchmarks/gpu_guide_8b.py)\n\nOne block per "
                  "invocation; rows appended by the script.\n")
-    lines = [f"\n`{command}`\n", HEADER, "|---|---|---|---|---|---:|---:|---:|",
+    lines = [f"\n`{command}`\n", HEADER, "|---|---|---|---|---|---:|---:|---:|---:|",
              *map(markdown, rows)]
     results.write_text(text + "\n".join(lines) + "\n")
 

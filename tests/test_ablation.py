@@ -1,6 +1,7 @@
 """--ablate-top: each candidate zeroed alone, measured, restored; checked against a hand loop."""
 
 import csv
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,15 @@ from esa_core.api import EvalData, LogicalMatrix
 from esa_core.selection import select
 
 COLUMNS = ("rank,param,layer,component,expert,row,col,score_rank,score,weight,ppl,ppl_ratio,"
-           "accuracy_drop").split(",")
+           "ppl_ratio_ci_low,ppl_ratio_ci_high,accuracy_drop,accuracy_drop_ci_low,"
+           "accuracy_drop_ci_high").split(",")
+
+
+def measured(model, blocks):
+    """Perplexity, accuracy and each block's NLL from the hand loop."""
+    block_nll, block_hits = hand_loop(model, blocks)
+    count = len(blocks) * (blocks.shape[1] - 1)
+    return math.exp(sum(block_nll) / count), sum(block_hits) / count, block_nll
 
 
 def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_path):
@@ -33,16 +42,19 @@ def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_p
                                 registry.get("perturbation", "zero")(), 10, None)
     entry = ablation.run(study, selection, top_rows, 5, 1.0001, tmp_path)
 
-    base_ppl, base_acc, _ = hand_loop(model, blocks)
+    base_ppl, base_acc, base_nll = measured(model, blocks)
     expected = {}
     for top in top_rows[:5]:  # the hand-made loop: zero, evaluate, restore
         weight = params[top["param"]]
         with torch.no_grad():
             saved = weight[top["row"], top["col"]].clone()
             weight[top["row"], top["col"]] = 0.0
-            ppl, acc, _ = hand_loop(model, blocks)
+            ppl, acc, nll = measured(model, blocks)
             weight[top["row"], top["col"]] = saved
-        expected[top["rank"]] = (ppl / base_ppl, ppl, base_acc - acc)
+        # the ratio on each of the 4^4 equally likely resamples of the 4 blocks
+        every = [math.exp(sum(nll[i] - base_nll[i] for i in pick) / (4 * 15))
+                 for pick in itertools.product(range(4), repeat=4)]
+        expected[top["rank"]] = (ppl / base_ppl, ppl, base_acc - acc, every)
     for name, p in params.items():
         assert torch.equal(p.detach(), before[name])  # restored bit-exactly
 
@@ -55,8 +67,13 @@ def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_p
     ratios = [float(r["ppl_ratio"]) for r in rows]
     assert ratios == sorted(ratios, reverse=True)  # ranked by measured effect
     for r in rows:
-        ratio, ppl, drop = expected[int(r["score_rank"])]
+        ratio, ppl, drop, every = expected[int(r["score_rank"])]
         assert float(r["ppl_ratio"]) == pytest.approx(ratio, rel=1e-5)
+        # its interval over the blocks: percentiles of the exact resampling distribution
+        low, high = float(r["ppl_ratio_ci_low"]), float(r["ppl_ratio_ci_high"])
+        every.sort()
+        assert every[3] * (1 - 1e-6) <= low <= every[12] * (1 + 1e-6)
+        assert every[-13] * (1 - 1e-6) <= high <= every[-4] * (1 + 1e-6)
         assert float(r["ppl"]) == pytest.approx(ppl, rel=1e-5)
         assert float(r["accuracy_drop"]) == pytest.approx(drop, abs=1e-9)
     critical = {w["score_rank"] for w in entry["critical_weights"]}
@@ -114,7 +131,12 @@ def test_ablate_top_in_a_run_writes_the_csv_manifest_and_report(tiny_llama_dir, 
     assert len(rows) == 4 and list(rows[0]) == COLUMNS
     entry = result.manifest["ablation"]
     assert entry["eval_blocks"] == 2 and entry["candidates"] == 4
-    assert len(entry["critical_weights"]) == sum(float(r["ppl_ratio"]) >= 1.0 for r in rows)
+    # critical: removing it alone multiplies perplexity by >= 1.0, from the written values
+    baseline = entry["baseline"]["ppl"]
+    assert {w["score_rank"] for w in entry["critical_weights"]} == {
+        int(r["score_rank"]) for r in rows if float(r["ppl"]) / baseline >= 1.0}
+    for r in rows:  # each ratio with its interval over the 2 blocks
+        assert float(r["ppl_ratio_ci_low"]) <= float(r["ppl_ratio_ci_high"])
     assert "ablation_s" in result.manifest["timings"]
     page = (result.out_dir / "report.html").read_text()
     assert "Ablation: each of the top 4 weights removed alone" in page

@@ -1,19 +1,20 @@
-"""The analysis by value on constructed inputs: significance, bootstrap, hierarchy, robustness,
-and the statistics that scipy now computes (kurtosis check, Hill by hand)."""
+"""The analysis by value on constructed inputs: significance, bootstrap, separation without
+infinities, intervals over evaluation items, robustness, and the statistics that scipy now
+computes (kurtosis check, Hill by hand)."""
 
 import math
 
 import numpy as np
 import pytest
 import torch
+from esa_evaluators.perplexity import Perplexity
 from scipy import stats as scipy_stats
 
 from esa_core import analysis
 from esa_core.api import DIFFERENCE, RELATIVE, Measure
 from esa_core.stats import hill_tail_index, sensitivity_stats
 
-PPL = Measure("ppl", "ppl_change", higher_is_better=False, change=RELATIVE)
-ACC = Measure("accuracy", "accuracy_drop", higher_is_better=True, change=DIFFERENCE)
+PPL, ACC = Perplexity().measures()  # the default evaluator's declarations
 
 
 def results(super_values, random_values, bottom_values=None, repeats=()):
@@ -86,8 +87,11 @@ def test_phase3_rows_by_value():
     assert rows[1]["value"] == pytest.approx(6.0)
     # accuracy moved for neither set (drop 0.0 everywhere): its own row says so
     assert rows[3]["criterion"] == "magnitude: accuracy_drop(super) / accuracy_drop(random)"
-    assert "no damage to accuracy_drop" in rows[3]["note"]
-    assert a["measures"]["accuracy_drop"]["separation"]["super_vs_random"] != 6.0  # own ratios
+    assert "random_k did not move it (mean damage 0 <= 0)" in rows[3]["note"]
+    assert "no per-item values for accuracy" in rows[3]["note"]
+    accuracy = a["measures"]["accuracy_drop"]
+    assert accuracy["separation"]["super_vs_random"] is None  # its own ratio: none exists
+    assert accuracy["separation_reasons"]["super_vs_random"].startswith("random_k did not")
     rows = analysis.phase3_criteria(analysis.analyse(results([1.0], [0.5], [0.1]), [PPL, ACC]),
                                     [PPL, ACC])
     assert [r["verdict"] for r in rows[:2]] == ["PASS", "FAIL"]
@@ -101,30 +105,6 @@ def test_robustness_holds_only_when_every_type_separates():
     row = analysis.robustness_row({"zero": good, "sign_flip": weak}, [PPL])
     assert row["verdict"] == "FAIL" and "sign_flip: fails" in row["note"]
     assert analysis.robustness_row({"zero": good, "sign_flip": None}, [PPL])["verdict"] == "SKIP"
-
-
-def test_hierarchy_share_by_value():
-    def row(param, score, layer=0, component="mlp.down"):
-        return {"param": param, "expert": None, "layer": layer, "component": component,
-                "score": repr(score)}
-
-    # 18 matrices hold top-k weights; the busiest 2 (10%) hold 8 + 6 of a total 30 -> 14/30
-    rows = [row("a", 5.0), row("a", 3.0), row("b", 6.0, 1, "attn.q"),
-            *[row(f"m{i}", 1.0, 2) for i in range(16)]]
-    h = analysis.hierarchy(rows, 40)
-    assert h["busiest_matrices"] == 2 and h["top_share"] == pytest.approx(14 / 30)
-    assert h["hierarchical"] is False
-    assert analysis.hierarchy_row(h)["verdict"] == "FAIL"
-    # 4 matrices: the busiest one (ceil 0.4) holds 8 of 16
-    h = analysis.hierarchy(rows[:5], 40)
-    assert h["busiest_matrices"] == 1 and h["top_share"] == pytest.approx(8 / 16)
-    assert h["hierarchical"] is True
-    assert h["component_shares"]["mlp.down"] == pytest.approx(10 / 16)
-    assert h["layer_shares"]["2"] == pytest.approx(2 / 16)
-    assert analysis.hierarchy_row(h)["verdict"] == "PASS"
-    flat = analysis.hierarchy([row(f"m{i}", 1.0) for i in range(20)], 20)
-    assert flat["top_share"] == pytest.approx(0.1)
-    assert analysis.hierarchy_row(flat)["verdict"] == "FAIL"
 
 
 def test_streamed_kurtosis_equals_scipys():
@@ -174,3 +154,154 @@ def test_every_declared_measure_gets_its_own_magnitude_row():
         assert row["criterion"] == "magnitude: accuracy_drop(super) / accuracy_drop(random)"
         assert row["value"] == pytest.approx(0.3 / random_drop)
         assert row["verdict"] == verdict
+
+
+BLOCK_TOKENS = 10
+BASE_NLL = [20.0, 25.0, 30.0, 22.0, 27.0, 24.0]  # each held-out block's summed NLL
+
+
+def per_block(nll: list[float], correct: list[float] | None = None) -> dict:
+    """An evaluation as the perplexity evaluator reports it: values and per-block items."""
+    counts = [BLOCK_TOKENS] * len(nll)
+    correct = correct if correct is not None else [5.0] * len(nll)
+    tokens = BLOCK_TOKENS * len(nll)
+    return {"ppl": math.exp(sum(nll) / tokens), "accuracy": sum(correct) / tokens,
+            "nonfinite_outputs": False,
+            "per_item": {"ppl": {"sum": nll, "count": counts},
+                         "accuracy": {"sum": correct, "count": counts}}}
+
+
+def item_results(conditions: dict[str, list[list[float]]]) -> dict:
+    """perturbation_results.json's shape from each condition's per-seed block NLLs."""
+    baseline = per_block(BASE_NLL)
+    out = {"baseline": baseline}
+    for name, seeds in conditions.items():
+        trials = []
+        for seed, nll in enumerate(seeds):
+            trial = {"seed": seed, **per_block(nll)}
+            trial["ppl_change"] = trial["ppl"] / baseline["ppl"] - 1.0
+            trial["accuracy_drop"] = 0.0
+            trials.append(trial)
+        out[name] = analysis.summarise(trials, [PPL, ACC])
+    return out
+
+
+def scaled(factor: float, noise: tuple[float, ...] = (0.0,) * 6) -> list[float]:
+    return [v * factor + n for v, n in zip(BASE_NLL, noise)]
+
+
+def floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from floats(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from floats(v)
+
+
+def test_controls_that_did_not_move_the_measure_give_no_inf_and_no_pass_by_ratio():
+    """perplexity x1.0001 against random sets that lowered it: no ratio, no inf anywhere; the
+    magnitude row falls back to the absolute test and says so."""
+    res = item_results({"super_weights": [scaled(1.0001)], "random_k": [scaled(0.9999)] * 2,
+                        "bottom_k": [scaled(0.99995)] * 2})
+    a = analysis.analyse(res, [PPL, ACC])
+    rows = analysis.phase3_criteria(a, [PPL, ACC])
+    robust = analysis.robustness_row({"zero": a, "sign_flip": a}, [PPL, ACC])
+    assert not any(math.isinf(v) for v in floats([a, rows, robust]))
+    assert a["separation"]["super_vs_random"] is None
+    assert "random_k did not move it" in a["measures"]["ppl_change"]["separation_reasons"][
+        "super_vs_random"]
+    magnitude = rows[1]
+    assert magnitude["criterion"].endswith("absolute test") and magnitude["value"] is True
+    assert "fell back to the absolute test" in magnitude["note"]
+    # every block of the super set is 1e-4 worse, of the random sets 1e-4 better: the
+    # intervals over the blocks are the changes of resampled blocks, apart
+    low, high = a["intervals"]["super_weights"]
+    assert math.exp(1e-4 * min(BASE_NLL) / BLOCK_TOKENS) - 1 <= low < high \
+        <= math.exp(1e-4 * max(BASE_NLL) / BLOCK_TOKENS) - 1
+    assert a["intervals"]["random_k"][1] < 0
+    # a super set within the noise of the blocks does not pass the absolute test
+    noisy = item_results({"super_weights": [scaled(1.0, (0.3, -0.3, 0.2, -0.2, 0.25, -0.1))],
+                          "random_k": [scaled(0.9999)] * 2, "bottom_k": [scaled(0.99995)] * 2})
+    noisy_a = analysis.analyse(noisy, [PPL, ACC])
+    row = analysis.phase3_criteria(noisy_a, [PPL, ACC])[1]
+    assert row["verdict"] == "FAIL" and row["value"] is False
+    row = analysis.robustness_row({"zero": a, "sign_flip": noisy_a}, [PPL, ACC])
+    assert row["verdict"] == "FAIL" and "sign_flip: fails" in row["note"]
+    # without per-item values there is nothing to fall back to: a SKIP, never a PASS
+    bare = analysis.analyse(results([0.0001], [-0.0002], [-0.0003]), [PPL, ACC])
+    rows = analysis.phase3_criteria(bare, [PPL, ACC])
+    assert rows[1]["verdict"] == "SKIP" and rows[1]["value"] is None
+    assert "no intervals for the absolute test" in rows[1]["note"]
+    assert not any(math.isinf(v) for v in floats([bare, rows]))
+    assert analysis.robustness_row({"zero": bare, "sign_flip": bare},
+                                   [PPL])["verdict"] == "SKIP"
+
+
+def test_a_broken_model_is_no_ratio_either():
+    a = analysis.analyse(results([math.nan], [0.5], [0.1]), [PPL])
+    assert a["separation"]["super_vs_random"] is None
+    assert analysis.phase3_criteria(a, [PPL])[1]["verdict"] != "PASS"
+
+
+def test_paired_interval_resamples_the_same_items_for_baseline_and_perturbed():
+    from esa_core import intervals
+
+    correct = [7.0, 3.0, 9.0, 1.0, 5.0, 8.0]
+    baseline = per_block(BASE_NLL, correct)
+    # one fewer correct token in every block: a drop of exactly 0.1 whatever blocks are drawn;
+    # resampled independently it would spread over roughly +-0.2
+    worse = per_block(BASE_NLL, [c - 1 for c in correct])
+    assert intervals.paired_interval(ACC, baseline, [worse]) == pytest.approx([0.1, 0.1])
+    assert intervals.paired_interval(ACC, {"accuracy": 0.5}, [worse]) is None
+    broken = per_block([math.inf, *BASE_NLL[1:]])
+    assert intervals.paired_interval(PPL, baseline, [broken]) is None
+
+
+def test_paired_interval_of_perplexity_against_a_bootstrap_written_here():
+    from esa_core import intervals
+
+    perturbed_nll = [21.0, 25.5, 33.0, 22.5, 29.0, 24.0]
+    got = intervals.paired_interval(PPL, per_block(BASE_NLL), [per_block(perturbed_nll)])
+    base, pert = np.array(BASE_NLL), np.array(perturbed_nll)
+    rng = np.random.default_rng(1)
+    changes = []
+    for _ in range(20000):
+        i = rng.integers(0, len(base), len(base))
+        tokens = BLOCK_TOKENS * len(i)
+        changes.append(math.exp(pert[i].sum() / tokens) / math.exp(base[i].sum() / tokens) - 1)
+    want = np.percentile(changes, [2.5, 97.5])
+    width = want[1] - want[0]
+    assert got[0] == pytest.approx(want[0], abs=0.1 * width)
+    assert got[1] == pytest.approx(want[1], abs=0.1 * width)
+
+
+def test_a_stochastic_super_set_is_compared_with_the_draws_as_two_samples():
+    """Super trials that differ by seed: p is the exact permutation p of the difference of
+    means, enumerated here over all 56 ways to split the 8 values 3 + 5."""
+    from itertools import combinations
+
+    super_values, draws = [1.0, 1.3, 0.8], [0.2, 0.9, 1.1, 0.5, 0.7]
+    sig = analysis.significance(results(super_values, draws[:2], repeats=draws[2:]),
+                                "ppl_change")
+    assert sig["test"].startswith("permutation")
+    pooled = super_values + draws
+    observed = np.mean(super_values) - np.mean(draws)
+    splits = list(combinations(range(8), 3))
+    at_least = sum(np.mean([pooled[i] for i in s])
+                   - np.mean([pooled[i] for i in range(8) if i not in s]) >= observed - 1e-12
+                   for s in splits)
+    assert sig["p_value"] == pytest.approx(at_least / len(splits))
+    assert sig["p_value_floor"] == pytest.approx(1 / 56)
+
+
+def test_one_set_of_random_draws_feeds_the_ratio_and_its_interval():
+    """Seeds 0.5, 1.0 and a repeat 1.5: the ratio divides by their mean 1.0, not by the seeds'
+    0.75, and its interval over the draws holds it."""
+    a = analysis.analyse(results([3.0], [0.5, 1.0], [0.1], repeats=[1.5]), [PPL])
+    assert a["separation"]["super_vs_random"] == pytest.approx(3.0)
+    assert a["spread"]["random_k"]["ppl_change_mean"] == pytest.approx(1.0)
+    low, high = a["significance"]["ci_separation"]
+    assert low <= 3.0 <= high

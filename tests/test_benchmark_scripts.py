@@ -30,11 +30,40 @@ def test_gpu_guide_runs_every_step_at_a_tiny_shape(tmp_path, monkeypatch):
     phase1, phase3 = rows[2]["stages"], rows[3]["stages"]
     assert list(phase1) == ["load", "data", "scoring", "selection", "stability", "plots"]
     assert "evaluation" in phase3 and "evaluation" not in phase1
-    assert all(r["peak_bytes"] > 0 and r["total_s"] > 0 for r in rows)
+    assert all(r["total_s"] > 0 for r in rows)
+    assert all(r["pinned_peak_bytes"] == 0 for r in rows)  # no CUDA, no pinned memory
     text = results.read_text()
     assert text.startswith("# earlier results\n")  # appended, never rewritten
     assert text.count("| tiny layers=1 |") == 4
     assert not (tmp_path / "work").exists()
+
+
+def test_a_step_records_the_peak_of_memory_it_freed_again(monkeypatch):
+    """Step's peak is the high-water mark, not what is left: 256 MB held and freed inside it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_guide_8b
+    import torch
+
+    size = 256 * 2**20
+    with gpu_guide_8b.Step("cpu") as step:
+        held = torch.ones(size, dtype=torch.uint8)
+        del held
+    assert step.peak - step.memory.base >= size
+    assert step.pinned == 0
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_step_records_the_peak_pinned_host_memory(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_guide_8b
+    import torch
+
+    torch.cuda.init()
+    size = 64 * 2**20
+    with gpu_guide_8b.Step("cuda") as step:
+        pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        del pinned
+    assert step.pinned >= size
 
 
 def test_bench_stages_measures_every_stage_after_scoring(monkeypatch):

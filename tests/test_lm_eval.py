@@ -61,10 +61,16 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-@torch.no_grad()
 def hand_accuracy(model, tokenizer, items) -> float:
-    """Zero-shot multiple choice: the choice with the highest summed log-prob after ' '."""
-    right = 0
+    correct = hand_correctness(model, tokenizer, items)
+    return sum(correct) / len(correct)
+
+
+@torch.no_grad()
+def hand_correctness(model, tokenizer, items) -> list[float]:
+    """Zero-shot multiple choice: is the choice with the highest summed log-prob after ' '
+    the answer? One 1.0 or 0.0 per item."""
+    right = []
     for question, choices, answer in items:
         context = tokenizer(question)["input_ids"]
         scores = []
@@ -74,8 +80,8 @@ def hand_accuracy(model, tokenizer, items) -> float:
             logprobs = torch.log_softmax(logits, -1)
             scores.append(sum(float(logprobs[i - 1, whole[i]])
                               for i in range(len(context), len(whole))))
-        right += max(range(len(choices)), key=lambda i: (scores[i], -i)) == answer
-    return right / len(items)
+        right.append(float(max(range(len(choices)), key=lambda i: (scores[i], -i)) == answer))
+    return right
 
 
 def evaluator(registry, **options):
@@ -92,17 +98,23 @@ def test_accuracy_equals_the_hand_computed_comparison_and_follows_the_model_in_p
     data = EvalData(blocks=torch.zeros(1, 2, dtype=torch.long), tokenizer=tokenizer)
     lm_eval.prepare(model, data)
     result = lm_eval.evaluate(model, data)
-    assert result["esa_tiny_mc_acc"] == hand_accuracy(model, tokenizer, ITEMS[:6])
+    before = hand_correctness(model, tokenizer, ITEMS[:6])
+    assert result["esa_tiny_mc_acc"] == sum(before) / 6
     assert result["items"] == {"esa_tiny_mc": 6}
-    # perturbed in place, no reload: the harness sees the change
+    assert result["per_item"]["esa_tiny_mc_acc"] == {"sum": before, "count": [1.0] * 6}
+    # perturbed in place, no reload: a perturbation that changes answers (x100 on one
+    # matrix: 2 of 6 right before, 4 after, by the hand comparison), and the harness sees it
     weight = model.model.layers[0].mlp.down_proj.weight
     with torch.no_grad():
-        weight.mul_(-40.0)
-    perturbed = lm_eval.evaluate(model, data)["esa_tiny_mc_acc"]
-    assert perturbed == hand_accuracy(model, tokenizer, ITEMS[:6])
+        weight.mul_(100.0)
+    after = hand_correctness(model, tokenizer, ITEMS[:6])
+    assert after != before and sum(after) != sum(before)
+    perturbed = lm_eval.evaluate(model, data)
+    assert perturbed["esa_tiny_mc_acc"] == sum(after) / 6
+    assert perturbed["per_item"]["esa_tiny_mc_acc"]["sum"] == after
     first = lm_eval.measures()[0]
-    assert first.damage(perturbed, result["esa_tiny_mc_acc"]) == \
-        result["esa_tiny_mc_acc"] - perturbed
+    assert first.damage(perturbed["esa_tiny_mc_acc"], result["esa_tiny_mc_acc"]) == \
+        pytest.approx((sum(before) - sum(after)) / 6)
 
 
 @pytest.mark.slow
@@ -191,10 +203,17 @@ def test_a_run_carries_every_declared_measure_to_every_output(tiny_llama_dir, ta
     rows = {r["criterion"]: r for r in run.control["success_criteria"]}
     assert rows == {r["criterion"]: r for r in run.manifest["success_criteria"]
                     if r["criterion"] in rows}
-    task_row = rows["magnitude: esa_tiny_mc_acc_drop(super) / esa_tiny_mc_acc_drop(random)"]
-    if task["separation"]["super_vs_random"] is None:  # the task moved under neither set
-        assert task_row["verdict"] == "SKIP"
+    # the task's own row, recomputed here: a ratio where the random sets moved the task beyond
+    # the items' noise, else the absolute test of the intervals over the task's items
+    magnitude = "magnitude: esa_tiny_mc_acc_drop(super) / esa_tiny_mc_acc_drop(random)"
+    drop, ci = task["changes"], task["intervals"]
+    assert len(run.perturbation["baseline"]["per_item"]["esa_tiny_mc_acc"]["sum"]) == len(ITEMS)
+    if drop["random_k"] > 0 and ci["random_k"][0] > 0:
+        row = rows[magnitude]
+        assert row["value"] == pytest.approx(drop["super_weights"] / drop["random_k"])
     else:
-        assert task_row["value"] == task["separation"]["super_vs_random"]
+        row = rows[f"{magnitude}, absolute test"]
+        assert row["value"] is (ci["super_weights"][0] > ci["random_k"][1])
+        assert task["separation"]["super_vs_random"] is None
     assert (out / "plots" / "perturbation_effects.png").stat().st_size > 10_000
     assert "esa_tiny_mc_acc" in (out / "report.html").read_text()

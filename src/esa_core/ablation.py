@@ -18,6 +18,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from esa_core import intervals
 from esa_core.analysis import damage
 from esa_core.api import RELATIVE, EvalData, Evaluator, Measure, Perturbation
 from esa_core.indices import evenly_spaced
@@ -27,14 +28,27 @@ from esa_core.results import write_csv
 from esa_core.selection import Picks, Selection
 
 
+def change_column(measure: Measure) -> str:
+    """The column holding a measure's change: its ratio (relative) or its change_name."""
+    return f"{measure.name}_ratio" if measure.change == RELATIVE else measure.change_name
+
+
 def columns(measures: Sequence[Measure]) -> list[str]:
     """ablation.csv's columns: the top_weights.csv ones with score_rank, then per measure its
-    value and ratio (relative change) or its change (difference), e.g. `loss,loss_ratio`."""
+    value and ratio (relative change) or its change (difference), e.g. `loss,loss_ratio`, each
+    change with its interval over the evaluation items (`loss_ratio_ci_low,loss_ratio_ci_high`;
+    empty where the evaluator gives no per-item values)."""
     at = CSV_COLUMNS.index("score")
     cols = [*CSV_COLUMNS[:at], "score_rank", *CSV_COLUMNS[at:]]
     for m in measures:
-        cols += [m.name, f"{m.name}_ratio"] if m.change == RELATIVE else [m.change_name]
+        change = change_column(m)
+        cols += [m.name] if m.change == RELATIVE else []
+        cols += [change, f"{change}_ci_low", f"{change}_ci_high"]
     return cols
+
+
+def _ratio(value: Any, baseline: Any) -> Any:
+    return value / baseline
 
 
 def harm_ratio(measure: Measure, value: float | None, baseline: float) -> float:
@@ -81,6 +95,9 @@ def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]
                 row[f"{m.name}_ratio"] = ratio
             else:
                 row[m.change_name] = change
+            ci = intervals.paired_interval(m, baseline, [result],
+                                           of=_ratio if m.change == RELATIVE else None)
+            row[f"{change_column(m)}_ci_low"], row[f"{change_column(m)}_ci_high"] = ci or ("", "")
         row["_damage"] = damage(change_of[primary.change_name])
         row["_harm"] = harm_ratio(primary, result[primary.name], baseline[primary.name])
         rows.append(row)

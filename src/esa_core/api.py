@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -305,6 +305,10 @@ class Perturbation(Configurable):
 
 RELATIVE = "relative"  # change = value / baseline - 1 (perplexity: x2 is +1.0)
 DIFFERENCE = "difference"  # change = baseline - value (a score 0.62 -> 0.40 is 0.22)
+ITEM_MEAN = "mean"  # the value is sum(item sums) / sum(item counts): an accuracy
+ITEM_EXP_MEAN = "exp_mean"  # the value is exp of that mean: a perplexity (exp of mean NLL)
+#: evaluate's optional key: {measure name: {"sum": [one float per item], "count": [...]}}
+PER_ITEM = "per_item"
 
 
 @dataclass(frozen=True)
@@ -314,7 +318,8 @@ class Measure:
     `name` is the value's key (e.g. `loss`); `change_name` the key of its change against the
     unperturbed baseline (e.g. `loss_change`). `higher_is_better` orients the change so that damage
     is always positive: a relative change of a higher-is-better value is 1 - value / baseline,
-    a difference of a lower-is-better value is value - baseline.
+    a difference of a lower-is-better value is value - baseline. `from_items` says how the value
+    follows from per-item values, when the evaluator returns them (see `Evaluator`).
     """
 
     name: str
@@ -322,14 +327,25 @@ class Measure:
     higher_is_better: bool
     change: str = RELATIVE
     help: str = ""
+    from_items: str = ITEM_MEAN
 
-    def damage(self, value: float, baseline: float) -> float:
-        """The change from `baseline` to `value`, positive when the model got worse."""
-        if self.change == RELATIVE:
-            delta = value / baseline - 1.0 if baseline else math.nan
-        else:
-            delta = value - baseline
-        return -delta if self.higher_is_better else delta
+    def damage(self, value: Any, baseline: Any) -> Any:
+        """The change from `baseline` to `value`, positive when the model got worse.
+        Elementwise on numpy arrays too (the bootstrap's resampled values)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.change == RELATIVE:
+                delta = np.where(np.equal(baseline, 0), np.nan,
+                                 np.divide(value, baseline) - 1.0)
+            else:
+                delta = np.subtract(value, baseline)
+        delta = -delta if self.higher_is_better else delta
+        return float(delta) if np.ndim(delta) == 0 else delta
+
+    def value_from_items(self, sums: np.ndarray, counts: np.ndarray) -> Any:
+        """The value over the items along the last axis (a resample of them, say)."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            mean = np.sum(sums, axis=-1) / np.sum(counts, axis=-1)
+            return np.exp(mean) if self.from_items == ITEM_EXP_MEAN else mean
 
 
 @dataclass
@@ -352,6 +368,12 @@ class Evaluator(Configurable):
     every declared measure's `name`; other JSON-able keys (token counts, `nonfinite_outputs`)
     are recorded beside them. A model whose outputs turned non-finite is a result: report
     inf/NaN values, never raise.
+
+    Optionally, under the key `per_item` (PER_ITEM), a measure's value item by item: for each
+    evaluation item (a held-out block, a task question) its `sum` and `count`, such that the
+    value is `Measure.from_items` of sum(sums) / sum(counts) (perplexity: each block's summed
+    NLL and token count). Every change then gets a paired bootstrap interval over the items;
+    a measure without them gets none, and the report says so.
     """
 
     def measures(self) -> tuple[Measure, ...]:

@@ -103,9 +103,13 @@ def run_command(**values: Any) -> None:
     if distributed.is_main():
         if not values["quiet"]:
             from esa_core.criteria import table
-            from esa_core.report import findings
+            from esa_core.layout import CONTROL_ANALYSIS, read_json
+            from esa_core.report import change_lines, findings
 
             typer.echo(table(result.manifest["success_criteria"]))
+            control = result.out_dir / CONTROL_ANALYSIS
+            for line in change_lines(read_json(control) if control.is_file() else None):
+                typer.echo(line)
             for line in findings(result.manifest, result.stats):
                 typer.echo(line)
             typer.echo(top_weights_text(result.out_dir / "top_weights.csv"))

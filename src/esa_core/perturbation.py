@@ -186,14 +186,14 @@ class Study:
         return self.once("perturb_baseline", lambda: self.evaluate("baseline"))
 
     def trial(self, selection: Selection, seed: int, label: str,
-              baseline: dict[str, Any]) -> dict[str, Any]:
-        """Perturb `selection` with the rule seeded by `seed`, evaluate, restore."""
+              baseline: dict[str, Any], stream: str = "perturb") -> dict[str, Any]:
+        """Perturb `selection` with the rule drawing on (`seed`, `stream`), evaluate, restore."""
         return self.once(f"perturb_{self.unit_prefix}{label}_seed{seed}",
-                         lambda: self._trial(selection, seed, label, baseline))
+                         lambda: self._trial(selection, seed, label, baseline, stream))
 
     def _trial(self, selection: Selection, seed: int, label: str,
-               baseline: dict[str, Any]) -> dict[str, Any]:
-        generator = generator_for(seed, "perturb")
+               baseline: dict[str, Any], stream: str) -> dict[str, Any]:
+        generator = generator_for(seed, stream)
         with perturbed(selection, self.params, self.perturbation, generator,
                        self.pristine_checksums) as facts:
             result = self.evaluate(f"{label} seed {seed}")
@@ -236,7 +236,9 @@ class Study:
                 seed = self.seeds[r % len(self.seeds)]
                 selection = self.control(RANDOM_K, index,
                                          generator_for(seed, f"{RANDOM_K}/repeat{r}"))
-                repeats.append(self.trial(selection, seed, f"{RANDOM_K} repeat {r}", baseline))
+                # a fresh perturbation stream too: a stochastic rule's draws are independent
+                repeats.append(self.trial(selection, seed, f"{RANDOM_K} repeat {r}", baseline,
+                                          stream=f"perturb/repeat{r}"))
             results[RANDOM_K_REPEATS] = repeats
         return results
 

@@ -21,11 +21,11 @@ import torch
 from esa_core import (
     __version__,
     ablation,
-    analysis,
     criteria,
     data,
     distributed,
     finish,
+    hierarchy,
     layout,
     loading,
     perturbation,
@@ -100,10 +100,19 @@ class Stages:
         self.timings: dict[str, float] = {}
         self.completed: str | None = None
         self.announce = False
+        #: set once the model's device is known: each stage then waits for its queued work
+        self.device: torch.device | None = None
         self._start = time.perf_counter()
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work, so that asynchronous work is timed in the stage
+        that queued it rather than spilling into the next one's time."""
+        if self.device is not None and self.device.type != "cpu":
+            getattr(torch, self.device.type).synchronize()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        self.synchronize()
         start = time.perf_counter()
         log.info("stage %s ...", name)
         try:
@@ -113,6 +122,7 @@ class Stages:
             if not hasattr(exc, "esa_stage"):
                 exc.esa_stage = name
             raise
+        self.synchronize()
         self.timings[f"{name}_s"] = round(time.perf_counter() - start, 3)
         self.completed = name
         if self.announce:
@@ -175,6 +185,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
     started_at = now()
     source = loading.resolve(config.model)
     device = distributed.init(loading.pick_device(config.device))
+    stages.device = device
     config.resolved(device.type)
     out_dir = prepare_out_dir(config.default_out_dir(source.model_id), config.overwrite,
                               config.resume)
@@ -246,7 +257,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
             if tables:
                 stats["findings"] = {t.name: t.stored(metric.name) for t in tables}
             top_rows = csv_rows(selection, params)
-            stats["hierarchy"] = analysis.hierarchy(top_rows, len(matrices))
+            stats["hierarchy"] = hierarchy.judge(hierarchy.densities(mean_scores, matrices))
             write_csv(out_dir / layout.TOP_WEIGHTS, top_rows)
             write_json(out_dir / layout.SENSITIVITY_STATS, stats)
         summary = None
@@ -259,7 +270,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                 "file": layout.STABILITY_SUMMARY,
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
         manifest["success_criteria"] = [*criteria.phase2(summary, stats),
-                                        analysis.hierarchy_row(stats["hierarchy"])]
+                                        hierarchy.row(stats["hierarchy"])]
         if config.perturb or config.ablate_top:
             eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
             evaluators = prepared(plugins.evaluators, model, eval_data)

@@ -12,6 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from esa_core.analysis import with_interval
 from esa_core.layout import (
     CONDITIONS,
     CSV_COLUMNS,
@@ -174,6 +175,10 @@ def _results(run: RunFiles) -> str:
         header = ["condition"] + [h for m in measures for h in (m["name"], m["change_name"])]
         out.append(f"<div><h2>{escape(title)} (means over seeds)</h2>"
                    + _table(header, rows) + "</div>")
+    if change_rows(run.control):
+        out.append("<div><h2>Changes with their intervals over the evaluation items</h2>"
+                   + _table(["type", "change", "condition", "value [interval]", "interval"],
+                            change_rows(run.control)) + "</div>")
     return f"<div class='grid'>{''.join(out)}</div>" if out else ""
 
 
@@ -186,6 +191,29 @@ def _top_weights(run: RunFiles) -> str:
             "<p class='note'>the weight is <code>param[row, col]</code>, or "
             "<code>param[expert, row, col]</code> where an expert is given.</p>"
             + _table(cols, rows))
+
+
+def change_rows(control: dict[str, Any] | None) -> list[list[Any]]:
+    """[type, change, condition, value with its interval, what the interval is] for every change
+    in control_analysis.json (the type empty for a single perturbation type)."""
+    sections = (control or {}).get("by_perturbation") or ({"": control} if control else {})
+    # a folder written before intervals existed has none: its rows say so
+    return [[kind, key, name, with_interval(change, m.get("intervals", {}).get(name)),
+             m.get("interval_note", "no intervals in this result folder")]
+            for kind, a in sections.items() for key, m in a.get("measures", {}).items()
+            for name, change in m["changes"].items()]
+
+
+def change_lines(control: dict[str, Any] | None) -> list[str]:
+    """Terminal lines: every change of the perturbation study with its interval."""
+    rows = change_rows(control)
+    if not rows:
+        return []
+    notes = sorted({r[4] for r in rows})
+    cells = [[f"{r[0]} {r[1]}".strip(), r[2], r[3]] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(2)]
+    return ([f"Changes against the baseline ({'; '.join(notes)}):"]
+            + [f"  {c[0].ljust(widths[0])}  {c[1].ljust(widths[1])}  {c[2]}" for c in cells])
 
 
 def findings(manifest: dict[str, Any], stats: dict[str, Any] | None) -> list[str]:

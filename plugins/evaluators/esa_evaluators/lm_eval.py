@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from esa_core.api import DIFFERENCE, EvalData, Evaluator, Measure, Option
+from esa_core.api import DIFFERENCE, PER_ITEM, EvalData, Evaluator, Measure, Option
 from esa_core.errors import EsaError, closest
 
 METRIC = "acc"  # the harness's accuracy: the highest-loglikelihood choice is the right one
@@ -150,10 +150,19 @@ class LmEval(Evaluator):
         # HFLM wraps the live model: a perturbation made in place is what the harness scores
         lm = HFLM(pretrained=model, tokenizer=data.tokenizer, batch_size=data.batch_size)
         out = evaluate(lm=lm, task_dict=self._tasks, limit=self.settings["limit"] or None,
-                       bootstrap_iters=0, log_samples=False)
+                       bootstrap_iters=0, log_samples=True)
         results = out["results"]
         values: dict[str, Any] = {
             f"{name}_acc": float(results[name][f"{METRIC},none"]) for name in self.names}
         values["items"] = {name: int(out["n-samples"][name]["effective"])
                            for name in self.names}
+        values[PER_ITEM] = {f"{name}_acc": item_correctness(out["samples"][name])
+                            for name in self.names}
         return values
+
+
+def item_correctness(samples: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each item's correctness in document order (so baseline and perturbed pair up)."""
+    scored = sorted((s["doc_id"], float(s[METRIC])) for s in samples
+                    if s.get("filter", "none") == "none")
+    return {"sum": [acc for _, acc in scored], "count": [1.0] * len(scored)}

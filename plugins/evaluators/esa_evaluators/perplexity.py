@@ -3,6 +3,8 @@
 Every token after the first of each block is predicted from the ones before it; perplexity is
 exp of the mean cross-entropy over all those tokens (not a mean of per-block perplexities).
 A perturbed model may output inf or NaN: that is a result, recorded, never an exception.
+Each block's summed NLL, correct predictions and token count are returned too (`per_item`),
+so that every change gets an interval over the evaluation blocks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from esa_core.api import DIFFERENCE, RELATIVE, EvalData, Evaluator, Measure
+from esa_core.api import DIFFERENCE, ITEM_EXP_MEAN, PER_ITEM, RELATIVE, EvalData, Evaluator, Measure
 from esa_core.progress import track
 
 
@@ -24,7 +26,7 @@ class Perplexity(Evaluator):
     def measures(self) -> tuple[Measure, ...]:
         return (
             Measure("ppl", "ppl_change", higher_is_better=False, change=RELATIVE,
-                    help="ppl_perturbed / ppl_baseline - 1"),
+                    help="ppl_perturbed / ppl_baseline - 1", from_items=ITEM_EXP_MEAN),
             Measure("accuracy", "accuracy_drop", higher_is_better=True, change=DIFFERENCE,
                     help="accuracy_baseline - accuracy_perturbed"),
         )
@@ -32,11 +34,10 @@ class Perplexity(Evaluator):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: EvalData, label: str = "") -> dict:
         device = next(model.parameters()).device
-        # sums stay on the device: no host sync inside the batch loop, one transfer at the end
-        total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+        # per-block sums stay on the device: no host sync inside the batch loop, one transfer
+        # at the end
+        block_nll, block_correct = [], []
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        tokens = 0
         # an evaluation is one of many in a stage: a bar on a terminal, no end line in a log
         for batch in track(data.blocks.split(data.batch_size), label or "evaluating", "batches",
                            final=False):
@@ -44,14 +45,20 @@ class Perplexity(Evaluator):
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             targets = batch[:, 1:]
             nonfinite |= (~torch.isfinite(logits)).any()
-            total_loss += nn.functional.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
-            correct += (logits.argmax(-1) == targets).sum()
-            tokens += targets.numel()
-        loss = float(total_loss) / tokens
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            block_nll.append(nll.double().sum(-1))
+            block_correct.append((logits.argmax(-1) == targets).sum(-1))
+        nll_sums = torch.cat(block_nll).tolist()
+        correct = torch.cat(block_correct).tolist()
+        per_block = data.blocks.shape[1] - 1
+        tokens = per_block * len(nll_sums)
+        loss = math.fsum(nll_sums) / tokens
         if math.isnan(loss):
             ppl = math.nan
         else:
             ppl = math.exp(loss) if loss < 709.0 else math.inf  # exp overflows a double past 709
-        return {"ppl": ppl, "accuracy": int(correct) / tokens, "loss": loss, "tokens": tokens,
-                "nonfinite_outputs": bool(nonfinite)}
+        counts = [per_block] * len(nll_sums)
+        return {"ppl": ppl, "accuracy": sum(correct) / tokens, "loss": loss, "tokens": tokens,
+                "nonfinite_outputs": bool(nonfinite),
+                PER_ITEM: {"ppl": {"sum": nll_sums, "count": counts},
+                           "accuracy": {"sum": correct, "count": counts}}}
