@@ -17,8 +17,8 @@ from esa_core.controls import WeightIndex, overlap, random_k
 from esa_core.indices import evenly_spaced
 from esa_core.perturbation import RestoreError, checksum, generator_for, perturbed
 from esa_core.pipeline import csv_rows
-from esa_core.selection import Picks, Selection, select, top_k
-from esa_core.stability import _keys_scores, param_offsets
+from esa_core.selection import Picks, Selection, param_offsets, select, top_k
+from esa_core.stability import _keys_scores
 from esa_core.stats import _sample, quantiles, weight_histogram
 
 PAST_2_24 = (1 << 24) + 4  # n - 1 = 2^24 + 3 has no float32: linspace rounded it up to n
@@ -159,7 +159,7 @@ def test_stability_keys_past_2_31():
     params, matrices = meta_model(40)
     scored = [ScoredParam(name, p, torch.nn.Identity(), [m])
               for (name, p), m in zip(params.items(), matrices)]
-    offsets = param_offsets(scored)
+    offsets = param_offsets({s.name: s.param for s in scored})
     size = MLP[0] * MLP[1]
     assert offsets[matrices[-1].param] == 39 * size
     picks = [Picks(matrices[-1], torch.tensor([MLP[0] - 1, 0]), torch.tensor([MLP[1] - 1, 0]),
