@@ -103,11 +103,7 @@ def _conditions(bench: Bench, originals: Originals, scores, top: Selection, rule
         results[name] = []
         for k in sizes:
             kept_top = top.prefix(k, settings.mode)
-            sets = {seed: kept_top if name == SUPER else
-                    control_set(name, kept_top, index, scores, k, settings.mode,
-                                generator_for(seed, f"protect/{name}/k{k}"))
-                    for seed in _seeds_that_differ(name, settings.seeds)}
-            sets = {seed: sets.get(seed, sets[settings.seeds[0]]) for seed in settings.seeds}
+            sets = _kept_sets(name, kept_top, index, scores, k, settings)
             per_seed = trials(name, k, sets)
             if name != SUPER:
                 for trial, seed in zip(per_seed, settings.seeds):
@@ -119,9 +115,20 @@ def _conditions(bench: Bench, originals: Originals, scores, top: Selection, rule
     return results
 
 
-def _seeds_that_differ(name: str, seeds: Sequence[int]) -> Sequence[int]:
-    """Only random_k draws a new set per seed; the other sets are the same for every seed."""
-    return seeds if name == "random_k" else seeds[:1]
+def _kept_sets(name: str, kept_top: Selection, index: WeightIndex, scores, k: int,
+               settings: ProtectSettings) -> dict[int, Selection]:
+    """The set `name` of size k under each seed: random_k is drawn anew per seed (disjoint from
+    the top-k of that size); the top-k, bottom_k and magnitude_k are the same for every seed."""
+    if name == SUPER:
+        return dict.fromkeys(settings.seeds, kept_top)
+
+    def draw(seed: int) -> Selection:
+        return control_set(name, kept_top, index, scores, k, settings.mode,
+                           generator_for(seed, f"protect/{name}/k{k}"))
+
+    if name == "random_k":
+        return {seed: draw(seed) for seed in settings.seeds}
+    return dict.fromkeys(settings.seeds, draw(settings.seeds[0]))
 
 
 def recovered(kept: Mapping[str, Any], nothing: Mapping[str, Any],
