@@ -18,6 +18,14 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """40,000 characters of the bundled WikiText-2 as a --dataset file."""
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(tiny.wikitext_sample(40_000))
+    return path
+
+
+@pytest.fixture(scope="session")
 def registry():
     from esa_core.plugins import registry as load
 

@@ -180,7 +180,43 @@ def full_run(folder: Path, **core_settings) -> Path:
     write_stability(folder, core, core["manifest"]["config"]["topk"])
     write_perturbation(folder)
     write_ablation(folder)
+    write_protection(folder)
     return folder
+
+
+def write_protection(folder: Path) -> dict:
+    """protection_results.json as the --protect stage writes it: rtn at 3 bits, nothing kept,
+    then the top-k and two controls at k = 5, 20, 100 per matrix, with its criteria rows."""
+    from esa_core.api import DIFFERENCE, RELATIVE, Measure
+    from esa_core.protection import criteria_rows, recovered
+
+    measures = [Measure("ppl", "ppl_change", False, RELATIVE),
+                Measure("accuracy", "accuracy_drop", True, DIFFERENCE)]
+    base = {"ppl": 18.73, "accuracy": 0.4123, "tokens": 2032}
+
+    def condition(change: float, k: int) -> dict:
+        c = _condition([change] * len(SEEDS), [0.05 * change] * len(SEEDS), base)
+        c["std"] = {"ppl_change": 0.0, "accuracy_drop": 0.0}
+        return {"k": k, "n_kept": 210 * k, **c}
+
+    nothing = condition(4.2, 0)
+    results = {
+        "rule": {"name": "rtn", "bits": 3, "group_size": 64}, "mode": "per_layer",
+        "sizes": [5, 20, 100], "seeds": list(SEEDS), "matrices": 210,
+        "scored_weights": 106168320, "eval": {"blocks": 16, "tokens": 2032},
+        "measures": [{"name": m.name, "change_name": m.change_name,
+                      "higher_is_better": m.higher_is_better, "change": m.change}
+                     for m in measures],
+        "baseline": base, "nothing_kept": nothing,
+    }
+    for name, changes in (("super_weights", (2.1, 0.9, 0.4)), ("random_k", (4.19, 4.2, 4.15)),
+                          ("magnitude_k", (3.9, 3.1, 2.2))):
+        results[name] = [condition(c, k) for c, k in zip(changes, (5, 20, 100))]
+        for c in results[name]:
+            c["recovered"] = recovered(c, nothing, measures)
+    rows = criteria_rows(results, measures)
+    write_json(folder / "protection_results.json", {**results, "success_criteria": rows})
+    return results
 
 
 def write_ablation(folder: Path, ratios=(7.8, 2.6, 1.3, 1.01, 0.99)) -> None:

@@ -12,6 +12,7 @@ from test_evaluation import hand_loop, run_tiny
 
 from esa_core import ablation
 from esa_core.api import EvalData, LogicalMatrix
+from esa_core.bench import Bench
 from esa_core.selection import select
 
 COLUMNS = ("rank,param,layer,component,expert,row,col,score_rank,score,weight,ppl,ppl_ratio,"
@@ -38,9 +39,10 @@ def test_ppl_ratio_equals_a_hand_made_zero_evaluate_restore_loop(registry, tmp_p
                  "col": int(picks.cols[i]), "score": repr(float(picks.scores[i])),
                  "weight": "0"} for r, (picks, i) in enumerate(selection.ranked(), start=1)]
     before = {n: p.detach().clone() for n, p in params.items()}
-    study = ablation.make_study(model, params, [Perplexity()], EvalData(blocks, None, 2),
-                                registry.get("perturbation", "zero")(), 10, None)
-    entry = ablation.run(study, selection, top_rows, 5, 1.0001, tmp_path)
+    bench = Bench(model, params, [Perplexity()], EvalData(blocks, None, 2))
+    entry = ablation.run(bench.on_blocks(ablation.ablation_blocks(blocks, 10)),
+                         registry.get("perturbation", "zero")(), selection, top_rows, 5, 1.0001,
+                         tmp_path)
 
     base_ppl, base_acc, base_nll = measured(model, blocks)
     expected = {}
@@ -95,29 +97,30 @@ def test_each_candidate_is_a_resume_unit(registry, tmp_path, monkeypatch):
                  "col": int(picks.cols[i]), "score": "1.0", "weight": "0"}
                 for r, (picks, i) in enumerate(selection.ranked(), start=1)]
 
-    def study():
-        return ablation.make_study(model, params, [Perplexity()],
-                                   EvalData(tiny.blocks(2, seq_len=12), None, 2),
-                                   registry.get("perturbation", "zero")(), 2,
-                                   Checkpoints(tmp_path, {"run": 1}))
+    zero = registry.get("perturbation", "zero")()
 
-    first = ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path)
+    def ablate():
+        bench = Bench(model, params, [Perplexity()], EvalData(tiny.blocks(2, seq_len=12), None, 2),
+                      Checkpoints(tmp_path, {"run": 1}))
+        return ablation.run(bench, zero, selection, top_rows, 2, 2.0, tmp_path)
+
+    first = ablate()
     written = (tmp_path / "ablation.csv").read_text()
     assert {p.name for p in (tmp_path / "checkpoints").iterdir()} >= {
         "ablate_baseline.json", "ablate_1.json", "ablate_2.json"}
     class Recomputed(Exception):
         pass
 
-    def refuse(study, one):
+    def refuse(one, *args):
         raise Recomputed(int(one.picks[0].rows[0]), int(one.picks[0].cols[0]))
 
-    monkeypatch.setattr(ablation, "_remove", refuse)
+    monkeypatch.setattr(ablation, "perturbed", refuse)
     (tmp_path / "checkpoints" / "ablate_2.json").unlink()  # as if interrupted before it
     with pytest.raises(Recomputed) as caught:  # the saved candidate is not evaluated again
-        ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path)
+        ablate()
     assert caught.value.args == (top_rows[1]["row"], top_rows[1]["col"])
     monkeypatch.undo()
-    assert ablation.run(study(), selection, top_rows, 2, 2.0, tmp_path) == first
+    assert ablate() == first
     assert (tmp_path / "ablation.csv").read_text() == written
 
 

@@ -67,13 +67,6 @@ def strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(tiny.wikitext_sample(40_000))
-    return path
-
-
 def run_tiny(folder, text, out, **settings):
     from esa_core import pipeline
     from esa_core.config import RunConfig
@@ -164,6 +157,7 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
     """SmolLM2-135M, scored on 2 blocks: flipping or zeroing the top-100 of every matrix hurts
     perplexity far more than the same number of random or lowest-scoring weights."""
     from esa_core import data, loading
+    from esa_core.bench import Bench
     from esa_core.controls import WeightIndex, control_set
     from esa_core.engine import ScoringRun
     from esa_core.perturbation import Study, generator_for
@@ -185,11 +179,10 @@ def test_top_k_matters_far_more_than_controls_on_the_embedded_model(registry, sm
     for name in ("random_k", "bottom_k"):
         sets[name] = control_set(name, top, index, scores, 100, "per_layer",
                                  generator_for(0, name))
-    study = Study(model, params, matrices, scores, top, [Perplexity()],
-                  EvalData(tokens.eval_blocks, tokenizer, 2),
-                  registry.get("perturbation", "sign_flip")(), 100, "per_layer",
-                  seeds=[0])
-    baseline = study.evaluate("baseline")
+    bench = Bench(model, params, [Perplexity()], EvalData(tokens.eval_blocks, tokenizer, 2))
+    study = Study(bench, matrices, scores, top, registry.get("perturbation", "sign_flip")(),
+                  100, "per_layer", seeds=[0])
+    baseline = bench.evaluate("baseline")
     for name in ("sign_flip", "zero"):
         study.perturbation = registry.get("perturbation", name)()
         change = {c: study.trial(s, 0, c, baseline)["ppl_change"] for c, s in sets.items()}

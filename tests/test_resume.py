@@ -217,9 +217,9 @@ def test_stopped_during_perturbation_then_resume(perturb_command, perturb_refere
     assert manifest["status"] == ("running" if sig == signal.SIGKILL else "interrupted")
 
     trials = []
-    real = perturbation.Study._trial
-    monkeypatch.setattr(perturbation.Study, "_trial",
-                        lambda self, *a: trials.append(a) or real(self, *a))
+    real = perturbation.perturbed
+    monkeypatch.setattr(perturbation, "perturbed",
+                        lambda *a: trials.append(a) or real(*a))
     result = run_here(perturb_command, out_dir, "--resume")
     assert result.exit_code == 0, result.output
     assert len(trials) == 52 - saved  # finished trials are not evaluated again

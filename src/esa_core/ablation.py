@@ -3,8 +3,8 @@
 A metric's score predicts; removal measures. Each of the N highest-ranked weights (in
 top_weights.csv order) is removed alone with the perturbation that declares `removes` (zero),
 the model is measured by the run's evaluators on the ablation blocks, and the weight is
-restored bit-exactly (the perturbation study's machinery). ablation.csv ranks the candidates
-by the measured damage.
+restored bit-exactly (on the bench the perturbation study uses). ablation.csv ranks the
+candidates by the measured damage.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 from scipy import stats
-from torch import nn
 
 from esa_core import intervals
 from esa_core.analysis import damage
-from esa_core.api import RELATIVE, EvalData, Evaluator, Measure, Perturbation
+from esa_core.api import RELATIVE, Measure, Perturbation
+from esa_core.bench import Bench
 from esa_core.indices import evenly_spaced
 from esa_core.layout import ABLATION, CSV_COLUMNS
-from esa_core.perturbation import Study, changes, generator_for, perturbed
+from esa_core.perturbation import generator_for, perturbed
 from esa_core.results import write_csv
 from esa_core.selection import Picks, Selection
 
@@ -71,34 +71,38 @@ def ablation_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     return blocks[evenly_spaced(len(blocks), n)]
 
 
-def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]], n: int,
-        critical_ratio: float, out_dir: Path) -> dict[str, Any]:
-    """Ablate the top `n` weights one at a time; write ablation.csv; return the manifest entry.
+def run(bench: Bench, remover: Perturbation, selection: Selection,
+        top_rows: Sequence[Mapping[str, Any]], n: int, critical_ratio: float,
+        out_dir: Path) -> dict[str, Any]:
+    """Ablate the top `n` weights one at a time with the rule `remover`; write ablation.csv;
+    return the manifest entry.
 
-    `study` supplies the model, the evaluators on the ablation blocks, the zero rule and the
-    resume units; each candidate is one unit.
+    `bench` measures on the ablation blocks (`ablation_blocks`); each candidate is one unit.
     """
-    measures = study.measures
+    measures = bench.measures
     primary = measures[0]
-    baseline = study.once("ablate_baseline", lambda: study.evaluate("ablation baseline"))
+    baseline = bench.baseline("ablate_baseline")
     rows = []
     for (picks, i), top in zip(selection.ranked()[:n], top_rows):
-        result = study.once(f"ablate_{top['rank']}",
-                            lambda picks=picks, i=i: _remove(study, one_weight(picks, i)))
+        one = one_weight(picks, i)
+        result = bench.trial(
+            f"ablate_{top['rank']}", "ablating",
+            lambda one=one: perturbed(one, bench.params, remover, generator_for(0, remover.name),
+                                      bench.pristine),
+            baseline)
         row = {k: top[k] for k in CSV_COLUMNS if k != "rank"}
         row["score_rank"] = top["rank"]
-        change_of = changes(measures, result, baseline)
-        for m, change in zip(measures, change_of.values()):
+        for m in measures:
             if m.change == RELATIVE:
                 row[m.name] = result[m.name]
                 ratio = None if result[m.name] is None else result[m.name] / baseline[m.name]
                 row[f"{m.name}_ratio"] = ratio
             else:
-                row[m.change_name] = change
+                row[m.change_name] = result[m.change_name]
             ci = intervals.paired_interval(m, baseline, [result],
                                            of=_ratio if m.change == RELATIVE else None)
             row[f"{change_column(m)}_ci_low"], row[f"{change_column(m)}_ci_high"] = ci or ("", "")
-        row["_damage"] = damage(change_of[primary.change_name])
+        row["_damage"] = damage(result[primary.change_name])
         row["_harm"] = harm_ratio(primary, result[primary.name], baseline[primary.name])
         rows.append(row)
     rows.sort(key=lambda r: (-r["_damage"], r["score_rank"]))
@@ -106,14 +110,7 @@ def run(study: Study, selection: Selection, top_rows: Sequence[Mapping[str, Any]
         row["rank"] = rank
     write_csv(out_dir / ABLATION, [{k: _text(v) for k, v in r.items()} for r in rows],
               columns(measures))
-    return summary(rows, primary, baseline, critical_ratio, len(study.eval_data.blocks))
-
-
-def _remove(study: Study, selection: Selection) -> dict[str, Any]:
-    rule = study.perturbation
-    with perturbed(selection, study.params, rule, generator_for(0, rule.name),
-                   study.pristine_checksums):
-        return study.evaluate("ablating")
+    return summary(rows, primary, baseline, critical_ratio, len(bench.eval_data.blocks))
 
 
 def _text(value: Any) -> Any:
@@ -137,14 +134,3 @@ def summary(rows: list[dict[str, Any]], primary: Measure, baseline: Mapping[str,
         "spearman_score_vs_effect": None if rho is None else float(rho.statistic),
         "spearman_p_value": None if rho is None else float(rho.pvalue),
     }
-
-
-def make_study(model: nn.Module, params: Mapping[str, nn.Parameter],
-               evaluators: Sequence[Evaluator], data: EvalData, remover: Perturbation,
-               n_blocks: int, checkpoints) -> Study:
-    """A Study that only serves single-weight removals on `n_blocks` of the held-out blocks."""
-    small = EvalData(ablation_blocks(data.blocks, n_blocks), data.tokenizer, data.batch_size)
-    return Study(model=model, params=params, matrices=[], scores={}, super_set=Selection([]),
-                 evaluators=evaluators, eval_data=small, perturbation=remover,
-                 topk=0, mode="global", seeds=[], checkpoints=checkpoints)
-

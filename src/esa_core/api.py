@@ -272,14 +272,19 @@ class Kept:
 
 
 class Perturbation(Configurable):
-    """A rule that changes selected weights in place, reproducibly from a seed.
+    """A rule that changes weights in place, reproducibly from a seed.
 
-    The engine gathers the selected coordinates of one matrix, calls `perturb` with their current
-    values, writes the result back, evaluates, and restores the saved originals bit-exactly.
+    Two uses, one method each. `--perturb`: the engine gathers the selected coordinates of one
+    matrix, calls `perturb` with their current values, writes the result back, evaluates, and
+    restores the saved originals bit-exactly. `--protect`: the engine calls `perturb_matrix`
+    on every scored matrix with a mask of weights to keep (none, the top-k or a control set),
+    evaluates the whole changed model, and restores it bit-exactly. A rule implements
+    `perturb` (and gets `perturb_matrix` for free), or only `perturb_matrix` for a rule that is
+    defined on whole matrices (a quantizer: `rtn`).
     The docstring's first line is the help `esa list-plugins` shows: state the rule there.
     Its strength is an option (`options`, read from `self.settings`), set with
-    `--perturb-arg name=value`; `--perturb-scale` and `--perturb-prob` set the options
-    named `scale` and `prob`.
+    `--perturb-arg name=value` or `--protect-arg name=value`; `--perturb-scale` and
+    `--perturb-prob` set the options named `scale` and `prob`.
     """
 
     #: True for the rule that removes a weight (sets it to what "absent" means, zero):
@@ -299,6 +304,30 @@ class Perturbation(Configurable):
         names to counts (e.g. bits flipped); the engine sums them over a condition's matrices.
         """
         raise NotImplementedError
+
+    def perturb_matrix(
+        self, matrix: torch.Tensor, keep: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A whole matrix's new values, the weights where `keep` is True unchanged, and facts.
+
+        `matrix` is one logical matrix (2-D, the model's dtype, on its device): read it, never
+        write it, and return a new tensor of its shape and dtype. `keep` is a bool tensor of the
+        same shape; a kept weight must come back bit-identical (the engine checks) and should
+        take no part in what the rule derives from the matrix (a quantizer's group range). The
+        engine holds one matrix's original values beside the model at a time: keep temporaries
+        to a few of the matrix's size. `generator` and `facts` are as in `perturb`.
+        The default applies `perturb` to the weights not kept.
+        """
+        free = ~keep
+        new, facts = self.perturb(matrix[free], matrix, generator)
+        out = matrix.clone()
+        out[free] = new
+        return out, facts
+
+    @classmethod
+    def perturbs_selected(cls) -> bool:
+        """Whether the rule can change selected weights alone (`perturb`), as --perturb needs."""
+        return cls.perturb is not Perturbation.perturb
 
 
 # --------------------------------------------------------------------------- evaluators
@@ -420,6 +449,14 @@ class LogicalMatrix:
         """This matrix's part of a parameter-shaped tensor (a copy when rows are picked)."""
         part = tensor[self.expert] if self.expert is not None else tensor
         return part if self.rows is None else part.index_select(0, self.rows.to(part.device))
+
+    def assign(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
+        """Write `values` (shaped like `view(tensor)`) into this matrix's part of `tensor`."""
+        part = tensor[self.expert] if self.expert is not None else tensor
+        if self.rows is None:
+            part.copy_(values)
+        else:
+            part.index_copy_(0, self.rows.to(part.device), values.to(part.device))
 
     def real_row(self, local_row: torch.Tensor) -> torch.Tensor:
         """Map rows of `view(...)` back to rows of the parameter."""

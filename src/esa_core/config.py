@@ -139,6 +139,19 @@ def parse_seeds(text: str | list[int] | tuple[int, ...]) -> list[int]:
     return seeds
 
 
+def parse_sizes(text: str | list[Any] | None) -> list[int]:
+    """`50,100,500` -> [50, 100, 500]: distinct positive integers, ascending."""
+    parts = parse_list(text) if isinstance(text, str) or text is None else list(text)
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise EsaError(f"--protect-k must be comma-separated positive integers like 50,100,500; "
+                       f"got '{text}'.") from None
+    if any(k <= 0 for k in sizes) or len(set(sizes)) != len(sizes):
+        raise EsaError(f"--protect-k must be distinct positive integers; got '{text}'.")
+    return sorted(sizes)
+
+
 def parse_list(text: str | list[str] | None) -> list[str]:
     """`a, b,` -> ['a', 'b']; a list stays a list (empty names dropped)."""
     if text is None:
@@ -171,6 +184,7 @@ class Plugins:
     perturbations: list[Any]
     evaluators: list[Any]
     remover: Any | None  # the rule --ablate-top removes a weight with
+    protector: Any | None = None  # the rule --protect applies to every scored matrix
 
 
 @dataclass
@@ -268,6 +282,15 @@ class RunConfig:
                                    positive=True)
     ablate_eval_samples: int | None = option("Held-out blocks per ablation (at most "
                                              "--eval-samples).", cpu=8, gpu=64, low=1)
+    protect: str | None = option(
+        "Apply a rule to every scored matrix (e.g. rtn: round-to-nearest) keeping nothing, the "
+        "top-k, or each --controls set exact: protection_results.json.", plugin="perturbation")
+    protect_args: dict[str, str] = option(
+        "--protect rule option key=value, e.g. bits=3 (repeatable).", {}, written=PAIRS,
+        flag="--protect-arg")
+    protect_k: list[int] = option(
+        "Sizes of the kept sets, e.g. 50,100,500: prefixes of the top-k ranking (per matrix in "
+        "per_layer). Default: --topk.", [], written=LIST)
 
     def validate(self, registry: Registry) -> RunConfig:
         """Check every setting and build every plugin with its options; raise EsaError (one
@@ -286,16 +309,21 @@ class RunConfig:
             metric=self._built(registry, "metric", [self.metric])[0],
             perturbations=self._built(registry, "perturbation", self.perturb_types()),
             evaluators=self._built(registry, "evaluator", self.evaluator),
-            remover=registry.remover()() if self.ablate_top else None)
+            remover=registry.remover()() if self.ablate_top else None,
+            protector=self._protector(registry))
+        for rule in plugins.perturbations:
+            if not rule.perturbs_selected():
+                raise EsaError(f"--perturb {rule.name}: {rule.name} changes whole matrices, not "
+                               f"selected weights; use it as --protect {rule.name}.")
         check_measures(plugins.evaluators, self.evaluator)
         for evaluator in plugins.evaluators:
             evaluator.check()
         return plugins
 
     def _check_combinations(self) -> None:
-        if self.controls and self.perturb is None:
-            raise EsaError("--controls needs --perturb: a control set is perturbed the same way "
-                           "as the top-k to compare against it.")
+        if self.controls and self.perturb is None and self.protect is None:
+            raise EsaError("--controls needs --perturb or --protect: a control set is perturbed "
+                           "(or kept) the same way as the top-k to compare against it.")
         if self.control_repeats and RANDOM_K not in self.controls:
             raise EsaError(f"--control-repeats draws extra {RANDOM_K} sets: it needs "
                            f"--controls {RANDOM_K}.")
@@ -304,6 +332,20 @@ class RunConfig:
                            "over, --resume continues the interrupted run.")
         if self.out_dir is not None and Path(self.out_dir).is_file():
             raise EsaError(f"--out-dir {self.out_dir} exists and is a file, not a folder.")
+
+    def _protector(self, registry: Registry) -> Any | None:
+        """--protect's rule built with --protect-arg; --protect-k's sizes (each a prefix of the
+        top-k, so at most --topk; default --topk)."""
+        if self.protect is None:
+            if self.protect_args or self.protect_k:
+                raise EsaError("--protect-arg and --protect-k need --protect RULE.")
+            return None
+        self.protect_k = parse_sizes(self.protect_k) or [self.topk]
+        too_big = [k for k in self.protect_k if k > self.topk]
+        if too_big:
+            raise EsaError(f"--protect-k {too_big[0]} is larger than --topk {self.topk}: the kept "
+                           "sets are prefixes of the top-k ranking; raise --topk.")
+        return registry.get("perturbation", self.protect)(**self.protect_args)
 
     def perturb_types(self) -> list[str]:
         """--perturb as a list of perturbation names (empty without --perturb)."""

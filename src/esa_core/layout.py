@@ -22,12 +22,14 @@ STABILITY_SUMMARY = "stability_summary.json"
 PERTURBATION_RESULTS = "perturbation_results.json"
 CONTROL_ANALYSIS = "control_analysis.json"
 ABLATION = "ablation.csv"
+PROTECTION_RESULTS = "protection_results.json"
+PROTECTED_WEIGHTS = "protected_weights.safetensors"
 REPORT = "report.html"
 PLOTS = "plots"  # the folder of the figures below
 ERROR_LOG = "error.log"  # only after an unexpected failure: its traceback
 CHECKPOINTS = "checkpoints"  # only while a run is unfinished: the units --resume reuses
 FIGURES = ("sensitivity_heatmap.png", "weight_distribution.png", "stability_analysis.png",
-           "perturbation_effects.png", "ablation.png")
+           "perturbation_effects.png", "ablation.png", "protection.png")
 CSV_COLUMNS = ("rank", "param", "layer", "component", "expert", "row", "col", "score", "weight")
 
 # --------------------------------------------------------------------------- files of `esa compare`
@@ -52,6 +54,8 @@ RANDOM_K_REPEATS = "random_k_repeats"  # --control-repeats: the extra random_k d
 CONDITIONS = (SUPER, *CONTROLS)
 CONDITION_LABELS = {SUPER: "super (top-k)", RANDOM_K: "random-k", BOTTOM_K: "bottom-k",
                     MAGNITUDE_K: "magnitude-k"}
+#: --protect's condition that keeps no weight: the whole change, the damage to recover from
+NOTHING_KEPT = "nothing_kept"
 
 
 def read_json(path: str | Path) -> Any:
@@ -70,6 +74,7 @@ class RunFiles:
     perturbation: dict[str, Any] | None = None
     control: dict[str, Any] | None = None
     ablation: list[dict[str, Any]] = field(default_factory=list)
+    protection: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, folder: str | Path) -> RunFiles:
@@ -84,7 +89,7 @@ class RunFiles:
         return cls(folder, read_json(folder / MANIFEST), optional(SENSITIVITY_STATS),
                    read_top_weights(folder), optional(STABILITY_SUMMARY),
                    optional(PERTURBATION_RESULTS), optional(CONTROL_ANALYSIS),
-                   read_ablation(folder))
+                   read_ablation(folder), optional(PROTECTION_RESULTS))
 
     @property
     def config(self) -> dict[str, Any]:

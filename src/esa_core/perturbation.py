@@ -1,18 +1,18 @@
 """The perturbation test: do the top-k weights matter more than control sets of the same size?
 
 The baseline is evaluated once. Each condition (the super set, each control) x seed is applied
-in place, evaluated, and restored from saved copies of only the touched values; a checksum of
-those values before and after proves the restore bit-exact. The model is never copied.
+in place, evaluated on the bench, and restored from saved copies of only the touched values; a
+checksum of those values before and after proves the restore bit-exact. The model is never
+copied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from esa_core import analysis
-from esa_core.api import EvalData, Evaluator, LogicalMatrix, Measure, Perturbation, ScoredParam
+from esa_core.api import LogicalMatrix, Perturbation
+from esa_core.bench import Bench, declared
 from esa_core.controls import WeightIndex, control_set, overlap
 from esa_core.errors import PluginFailure
 from esa_core.guards import plugin_call
@@ -32,7 +33,6 @@ from esa_core.layout import (
     SUPER,
 )
 from esa_core.results import write_json
-from esa_core.resume import Checkpoints
 from esa_core.selection import Selection
 
 log = logging.getLogger(__name__)
@@ -116,106 +116,46 @@ def generator_for(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def measures_of(evaluators: Sequence[Evaluator]) -> list[Measure]:
-    """Every evaluator's declared measures in order; the first is the primary one."""
-    return [m for e in evaluators for m in e.measures()]
-
-
-def evaluate_all(evaluators: Sequence[Evaluator], model: nn.Module, data: EvalData,
-                 label: str) -> dict[str, Any]:
-    """One model state measured by every evaluator, as one flat dict."""
-    result: dict[str, Any] = {}
-    for evaluator in evaluators:
-        result.update(plugin_call(f"evaluator '{evaluator.name}' failed", evaluator.evaluate,
-                                  model, data, label))
-    missing = [m.name for m in measures_of(evaluators) if m.name not in result]
-    if missing:
-        raise PluginFailure(f"evaluator(s) {', '.join(e.name for e in evaluators)} declared "
-                            f"the measure '{missing[0]}' but did not return it.")
-    return result
-
-
-def changes(measures: Sequence[Measure], result: Mapping[str, Any],
-            baseline: Mapping[str, Any]) -> dict[str, float]:
-    """Each measure's change against the baseline, keyed by its change_name (damage > 0)."""
-    return {m.change_name: m.damage(analysis.number(result[m.name]),
-                                    analysis.number(baseline[m.name])) for m in measures}
-
-
 @dataclass
 class Study:
-    """What the perturbation test needs: the model, the sets' ingredients and the settings."""
+    """The perturbation test on a bench: the top-k set and the ingredients of its controls."""
 
-    model: nn.Module
-    params: Mapping[str, nn.Parameter]
+    bench: Bench
     matrices: Sequence[LogicalMatrix]
     scores: Mapping[str, torch.Tensor]
     super_set: Selection
-    evaluators: Sequence[Evaluator]
-    eval_data: EvalData
     perturbation: Perturbation
     topk: int
     mode: str
     seeds: Sequence[int]
-    pristine_checksums: dict[int, int] = field(default_factory=dict)
-    #: where each finished evaluation is saved as it completes, so --resume skips it
-    checkpoints: Checkpoints | None = None
     #: prefixes the resume units, so that several perturbation types keep theirs apart
     unit_prefix: str = ""
-
-    @property
-    def measures(self) -> list[Measure]:
-        return measures_of(self.evaluators)
-
-    def evaluate(self, label: str) -> dict[str, Any]:
-        return evaluate_all(self.evaluators, self.model, self.eval_data, label)
-
-    def once(self, unit: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """`compute()`, or its value saved by an interrupted run of the same settings."""
-        unit = re.sub(r"[^A-Za-z0-9_]+", "_", unit)
-        saved = self.checkpoints.load_json(unit) if self.checkpoints else None
-        if saved is not None:
-            return saved
-        value = compute()
-        if self.checkpoints:
-            self.checkpoints.save_json(unit, value)
-        return value
-
-    def baseline(self) -> dict[str, Any]:
-        """The unperturbed model's measures (one resume unit, shared by every type)."""
-        return self.once("perturb_baseline", lambda: self.evaluate("baseline"))
 
     def trial(self, selection: Selection, seed: int, label: str,
               baseline: dict[str, Any], stream: str = "perturb") -> dict[str, Any]:
         """Perturb `selection` with the rule drawing on (`seed`, `stream`), evaluate, restore."""
-        return self.once(f"perturb_{self.unit_prefix}{label}_seed{seed}",
-                         lambda: self._trial(selection, seed, label, baseline, stream))
-
-    def _trial(self, selection: Selection, seed: int, label: str,
-               baseline: dict[str, Any], stream: str) -> dict[str, Any]:
-        generator = generator_for(seed, stream)
-        with perturbed(selection, self.params, self.perturbation, generator,
-                       self.pristine_checksums) as facts:
-            result = self.evaluate(f"{label} seed {seed}")
-        return {"seed": seed, "n_weights": len(selection), **result,
-                **changes(self.measures, result, baseline), "facts": facts}
+        bench = self.bench
+        measured = bench.trial(
+            f"perturb_{self.unit_prefix}{label}_seed{seed}", f"{label} seed {seed}",
+            lambda: perturbed(selection, bench.params, self.perturbation,
+                              generator_for(seed, stream), bench.pristine),
+            baseline)
+        return {"seed": seed, "n_weights": len(selection), **measured}
 
     def control(self, name: str, index: WeightIndex, generator: torch.Generator) -> Selection:
         return control_set(name, self.super_set, index, self.scores, self.topk, self.mode,
                            generator)
 
-    def run(self, controls: Sequence[str], control_repeats: int = 0,
-            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    def run(self, controls: Sequence[str], control_repeats: int,
+            baseline: dict[str, Any]) -> dict[str, Any]:
         """perturbation_results.json: the baseline, then each condition over the seeds."""
-        index = WeightIndex(self.matrices, self.params)
-        baseline = baseline if baseline is not None else self.baseline()
+        index = WeightIndex(self.matrices, self.bench.params)
         results: dict[str, Any] = {
             "perturbation": {"name": self.perturbation.name, **self.perturbation.settings},
             "mode": self.mode, "topk": self.topk, "seeds": list(self.seeds),
-            "eval": {"blocks": len(self.eval_data.blocks), "tokens": baseline.get("tokens")},
-            "measures": [{"name": m.name, "change_name": m.change_name,
-                          "higher_is_better": m.higher_is_better, "change": m.change}
-                         for m in self.measures],
+            "eval": {"blocks": len(self.bench.eval_data.blocks),
+                     "tokens": baseline.get("tokens")},
+            "measures": declared(self.bench.measures),
             "baseline": baseline,
         }
         for name in (SUPER, *controls):
@@ -229,7 +169,7 @@ class Study:
                 if name != SUPER:
                     trial["overlap_with_super"] = overlap(selection, self.super_set, index)
                 per_seed.append(trial)
-            results[name] = analysis.summarise(per_seed, self.measures)
+            results[name] = analysis.summarise(per_seed, self.bench.measures)
         if control_repeats:
             repeats = []
             for r in range(control_repeats):
@@ -254,11 +194,10 @@ class StudySettings:
     control_repeats: int = 0
 
 
-def run_stage(model: nn.Module, scored: Sequence[ScoredParam],
+def run_stage(bench: Bench, matrices: Sequence[LogicalMatrix],
               scores: Mapping[str, torch.Tensor], super_set: Selection,
-              perturbations: Sequence[Perturbation], evaluators: Sequence[Evaluator],
-              data: EvalData, settings: StudySettings, out_dir: Path,
-              checkpoints: Checkpoints | None = None) -> list[dict]:
+              perturbations: Sequence[Perturbation], settings: StudySettings,
+              out_dir: Path) -> list[dict]:
     """The pipeline's evaluation stage: run the study once per perturbation type against the
     same controls, write its files, return the criteria rows.
 
@@ -266,25 +205,20 @@ def run_stage(model: nn.Module, scored: Sequence[ScoredParam],
     section per type under `by_perturbation` (and the same in control_analysis.json).
     """
     several = len(perturbations) > 1
-    pristine: dict[int, int] = {}
     sections, analyses = {}, {}
-    baseline = None
+    baseline = bench.baseline()
+    measures = bench.measures
     for perturbation in perturbations:
-        study = Study(
-            model=model, params={s.name: s.param for s in scored},
-            matrices=[m for s in scored for m in s.matrices], scores=scores,
-            super_set=super_set, evaluators=evaluators, eval_data=data,
-            perturbation=perturbation, topk=settings.topk, mode=settings.mode,
-            seeds=settings.seeds,
-            pristine_checksums=pristine, checkpoints=checkpoints,
-            unit_prefix=f"{perturbation.name}_" if several else "")
-        baseline = baseline if baseline is not None else study.baseline()
+        study = Study(bench=bench, matrices=matrices, scores=scores, super_set=super_set,
+                      perturbation=perturbation, topk=settings.topk, mode=settings.mode,
+                      seeds=settings.seeds,
+                      unit_prefix=f"{perturbation.name}_" if several else "")
         sections[perturbation.name] = study.run(settings.controls, settings.control_repeats,
                                                 baseline)
         if settings.controls:
             analyses[perturbation.name] = analysis.analyse(sections[perturbation.name],
-                                                           study.measures)
-    rows, measures = [], measures_of(evaluators)
+                                                           measures)
+    rows = []
     for name in sections:
         rows += analysis.phase3_criteria(analyses.get(name), measures, name if several else "")
     rows.append(analysis.robustness_row({name: analyses.get(name) for name in sections},

@@ -30,6 +30,7 @@ from esa_core import (
     loading,
     perturbation,
     progress,
+    protection,
     stability,
 )
 from esa_core.api import (
@@ -42,6 +43,7 @@ from esa_core.api import (
     ScoredParam,
     Slot,
 )
+from esa_core.bench import Bench
 from esa_core.config import Plugins, RunConfig
 from esa_core.engine import ScoringRun
 from esa_core.errors import EsaError
@@ -67,6 +69,7 @@ from esa_core.resume import (
     selection_tensors,
     tensor_bytes,
 )
+from esa_core.rewrite import check_room, original_bytes
 from esa_core.selection import Selection, check_topk, matrix_size, param_offsets, select
 from esa_core.stats import sensitivity_stats
 from esa_core.totals import RunningTotal, running_total_device
@@ -197,6 +200,7 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         return _finish_only(out_dir, previous, config, argv, stages, lock, started_at)
     metric: Metric = plugins.metric
     rules: list[Perturbation] = plugins.perturbations
+    protect_rule: Perturbation | None = plugins.protector
 
     with stages.stage("load"):
         model_config = loading.load_config(source, config.trust_remote_code)
@@ -216,6 +220,9 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
         loading.refuse_nonfinite(model, source.model_id)
         scored = adapter.scored_params(model, include, config.exclude)
         _check_scored(config, source, adapter, scored)
+        if protect_rule:  # the originals go to disk while the model is changed
+            check_room(out_dir, original_bytes([m for s in scored for m in s.matrices],
+                                               {s.name: s.param for s in scored}))
     with stages.stage("data"):
         tokens = data.tokenize(data.read_texts(config.dataset), tokenizer, config.seq_len,
                                config.eval_samples)
@@ -271,24 +278,32 @@ def run(config: RunConfig | None = None, *, argv: list[str] | None = None,
                 **{k: summary[k] for k in ("jaccard_mean", "jaccard_std", "num_seeds")}}
         manifest["success_criteria"] = [*criteria.phase2(summary, stats),
                                         hierarchy.row(stats["hierarchy"])]
-        if config.perturb or config.ablate_top:
+        if config.perturb or config.ablate_top or protect_rule:
             eval_data = EvalData(tokens.eval_blocks, tokenizer, config.batch_size)
-            evaluators = prepared(plugins.evaluators, model, eval_data)
+            bench = Bench(model, params, prepared(plugins.evaluators, model, eval_data),
+                          eval_data, checkpoints)
         if config.perturb:
             with stages.stage("evaluation"):
                 manifest["success_criteria"] += perturbation.run_stage(
-                    model, scored, mean_scores, selection, rules, evaluators, eval_data,
+                    bench, matrices, mean_scores, selection, rules,
                     perturbation.StudySettings(config.topk, config.mode, config.seeds,
                                                config.controls, config.control_repeats),
-                    out_dir, checkpoints)
+                    out_dir)
         if config.ablate_top:
             with stages.stage("ablation"):
-                study = ablation.make_study(
-                    model, params, evaluators, eval_data, plugins.remover,
-                    config.ablate_eval_samples, checkpoints)
                 manifest["ablation"] = ablation.run(
-                    study, selection, top_rows, config.ablate_top,
-                    config.critical_ratio, out_dir)
+                    bench.on_blocks(ablation.ablation_blocks(eval_data.blocks,
+                                                             config.ablate_eval_samples)),
+                    plugins.remover, selection, top_rows,
+                    config.ablate_top, config.critical_ratio, out_dir)
+        if protect_rule:
+            with stages.stage("protection"):
+                rows, manifest["protection"] = protection.run_stage(
+                    bench, matrices, mean_scores, selection, protect_rule,
+                    protection.ProtectSettings(config.protect_k, config.mode, config.seeds,
+                                               config.controls),
+                    checkpoints.folder / protection.ORIGINALS, out_dir)
+                manifest["success_criteria"] += rows
         _write_outputs(out_dir, manifest, config, stages)
     return RunResult(out_dir, manifest, selection, stats, seed_scores_top)
 
@@ -462,7 +477,9 @@ def _manifest(config, argv, source, model, model_config, adapter, scored, tokens
     used |= {("perturbation", rule.name) for rule in plugins.perturbations}
     if plugins.remover is not None:
         used.add(("perturbation", plugins.remover.name))
-    if config.perturb or config.ablate_top:
+    if plugins.protector is not None:
+        used.add(("perturbation", plugins.protector.name))
+    if config.perturb or config.ablate_top or config.protect:
         used |= {("evaluator", e.name) for e in plugins.evaluators}
     plugins = [
         {"kind": e.kind, "name": e.name, "distribution": e.distribution, "version": e.version}

@@ -25,6 +25,7 @@ from esa_core.layout import (
     COMPONENTS,
     CONDITION_LABELS,
     FIGURES,
+    NOTHING_KEPT,
     RANDOM_K,
     RANDOM_K_REPEATS,
     RunFiles,
@@ -63,7 +64,7 @@ def render(run: RunFiles) -> Figures:
     """Every figure the folder's files allow; the rest skipped with a reason."""
     makers: dict[str, Callable[[RunFiles], Figure | str]] = dict(zip(FIGURES, (
         sensitivity_heatmap, weight_distribution, stability_analysis, perturbation_effects,
-        ablation_effects)))
+        ablation_effects, protection_effects)))
     figures = Figures()
     with rc_context(STYLE):
         for name, make in makers.items():
@@ -487,6 +488,47 @@ def ablation_effects(run: RunFiles) -> Figure | str:
     fig.suptitle(f"removing each top weight alone: {run.title()}\nSpearman(score, effect) = "
                  + ("-" if rho is None else f"{rho:.3f}")
                  + f" over {entry['candidates']} weights, {entry['eval_blocks']} blocks")
+    return fig
+
+
+def protection_effects(run: RunFiles) -> Figure | str:
+    """The damage the rule leaves against the number of weights kept, one line per kept set
+    (mean ± SD over seeds), on a log x axis; keeping nothing is the dashed line to beat."""
+    p = run.protection
+    if p is None:
+        return "protection_results.json is missing (run with --protect RULE)"
+    measures = p["measures"]
+    names = [n for n in CONDITION_LABELS if isinstance(p.get(n), list)]
+    fig = Figure(figsize=(5.5 * len(measures), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(measures), squeeze=False)[0]
+    for ax, m in zip(axes, measures):
+        key = m["change_name"]
+        nothing = p[NOTHING_KEPT].get(key)
+        values = [0.0] + ([nothing] if nothing is not None else [])
+        if nothing is not None:
+            ax.axhline(nothing, color="black", ls="--", lw=1, label="nothing kept")
+        ax.axhline(0, color="#888888", lw=0.8)
+        for color, name in zip(OKABE_ITO, names):
+            rows = p[name]
+            y = [math.nan if r.get(key) is None else r[key] for r in rows]
+            sd = [r["std"].get(key) or 0.0 for r in rows]
+            values += [v for v in y if math.isfinite(v)]
+            ax.errorbar([r["k"] for r in rows], y, yerr=sd if len(p["seeds"]) > 1 else None,
+                        marker="o", ms=5, capsize=4, color=color, label=CONDITION_LABELS[name])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("weights kept " + ("per matrix" if p["mode"] == "per_layer"
+                                         else "in total") + " (log)")
+        how = "relative change" if m["change"] == "relative" else "difference"
+        ax.set_ylabel(f"{key} ({how}; > 0 is worse)")
+        _fit_y(ax, values)
+        ax.grid(True, axis="y")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    rule = p["rule"]
+    options = ", ".join(f"{k}={v}" for k, v in rule.items() if k != "name")
+    fig.suptitle(f"{rule['name']} ({options}) on every scored matrix, the kept weights exact: "
+                 f"{run.title()}")
     return fig
 
 

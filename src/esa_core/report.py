@@ -14,9 +14,11 @@ from typing import Any
 
 from esa_core.analysis import with_interval
 from esa_core.layout import (
+    CONDITION_LABELS,
     CONDITIONS,
     CSV_COLUMNS,
     FIGURES,
+    NOTHING_KEPT,
     PLOTS,
     REPORT,
     SENSITIVITY_STATS,
@@ -39,6 +41,8 @@ CAPTIONS = dict(zip(FIGURES, (
     "measure, every seed shown.",
     "Each candidate removed alone: the measured effect against its score rank, with the "
     "critical ratio and the Spearman correlation of score and effect.",
+    "The --protect rule applied to every scored matrix: the damage left against the number of "
+    "weights kept exact, one line per kept set; the dashed line keeps nothing.",
 )))
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;
@@ -94,6 +98,7 @@ def page(run: RunFiles, figures: Figures) -> str:
         "</div>",
         _results(run),
         _ablation(run),
+        _protection(run),
         *_findings(run),
         _top_weights(run),
         "<h2>Figures</h2>",
@@ -304,3 +309,38 @@ def _findings(run: RunFiles) -> list[str]:
                         + _table(cols, [[r[c] for c in cols] for r in table["rows"]])
                         + (f"<p class='note'>{legend}</p>" if legend else ""))
     return sections
+
+
+def _protection(run: RunFiles) -> str:
+    """--protect: per kept set and size, every measure, its change and the damage recovered."""
+    p = run.protection
+    if not p:
+        return ""
+    measures = p["measures"]
+    header = ["kept set", "k", "weights kept"] + [
+        h for m in measures for h in (m["name"], m["change_name"], "recovered")]
+
+    def row(label: str, k: Any, c: dict[str, Any]) -> list[Any]:
+        shares = c.get("recovered", {})
+        return [label, k, c.get("n_kept")] + [
+            v for m in measures for v in (c.get(m["name"]), c.get(m["change_name"]),
+                                          _percent(shares.get(m["change_name"])))]
+
+    rows = [["unchanged model", None, None] + [v for m in measures
+                                               for v in (p["baseline"].get(m["name"]), None,
+                                                         None)],
+            row("nothing kept", 0, {**p[NOTHING_KEPT], "n_kept": 0})]
+    rows += [row(CONDITION_LABELS[name], c["k"], c)
+             for name in CONDITION_LABELS if isinstance(p.get(name), list) for c in p[name]]
+    rule = ", ".join(f"{k}={v}" for k, v in p["rule"].items() if k != "name")
+    per = "per matrix" if p["mode"] == "per_layer" else "in total"
+    return (f"<h2>Protection: {escape(p['rule']['name'])} ({escape(rule)}) on every scored "
+            f"matrix</h2><p class='note'>{p['matrices']:,} matrices, {p['scored_weights']:,} "
+            f"weights; k weights kept exact {per} (prefixes of the top-k ranking; each control "
+            "set of the same size); recovered = the share of the damage with nothing kept that "
+            f"keeping the set removes. Means over {len(p['seeds'])} seed(s), measured on "
+            f"{p['eval']['blocks']} held-out blocks.</p>" + _table(header, rows))
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1%}"

@@ -74,6 +74,25 @@ class Selection:
         order = torch.sort(scores, descending=True, stable=True).indices
         return [(self.picks[owner[i]], int(position[i])) for i in order.tolist()]
 
+    def prefix(self, k: int, mode: str) -> Selection:
+        """The first `k` of the ranking: each matrix's k highest in per_layer, the k highest
+        overall in global (top_weights.csv's order), so that a smaller set is inside a larger."""
+        if mode == "per_layer":
+            chosen = {id(p): torch.sort(p.scores.float().cpu(), descending=True,
+                                        stable=True).indices[:k] for p in self.picks}
+        else:
+            found: dict[int, list[int]] = {}
+            for picks, i in self.ranked()[:k]:
+                found.setdefault(id(picks), []).append(i)
+            chosen = {key: torch.tensor(sorted(found[key])) for key in found}
+        return Selection([_take(p, chosen[id(p)]) for p in self.picks if id(p) in chosen])
+
+
+def _take(picks: Picks, index: torch.Tensor) -> Picks:
+    index = index.to(picks.rows.device)
+    return Picks(picks.matrix, picks.rows[index], picks.cols[index],
+                 picks.scores[index.to(picks.scores.device)])
+
 
 def top_k(flat: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.topk(flat, k, largest=largest, sorted=True)` of a 1-D tensor, faster when large.
