@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
+from scipy import stats
 from typer.testing import CliRunner
 
 from esa_core import loading
@@ -300,3 +301,58 @@ def test_submitit_local_executor_gives_the_same_study(small_study, tmp_path):
                               registry=registry, cluster=cluster)
     assert found == whole
     assert len(list((tmp_path / "jobs").glob("*_log.out"))) == 4  # one task per cell
+
+
+# --------------------------------------------------------------------------- scaling, MoE
+
+def hand_gini(x: list[float]) -> float:
+    """Mean absolute difference over twice the mean, by brute force."""
+    n, mean = len(x), sum(x) / len(x)
+    return sum(abs(a - b) for a in x for b in x) / (2 * n * n * mean)
+
+
+@pytest.mark.slow
+def test_scaling_study_of_three_sizes_and_a_mixtral(tmp_path, text_file):
+    from esa_core.study import page
+
+    sizes = {"llama-s": {}, "llama-m": dict(hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=3),
+             "llama-l": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4)}
+    models = [str(tiny.save(tiny.llama_config(**o), tmp_path / n)) for n, o in sizes.items()]
+    models.append(str(tiny.save(tiny.family_config("mixtral"), tmp_path / "mixtral")))
+    file = write_study(tmp_path / "s.toml", {"model": models},
+                       run={"metric": "grad_x_weight", "dataset": text_file, "ablate_top": 3},
+                       name="scaling")
+    result = CliRunner().invoke(app, ["study", str(file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "out" / "study.json").read_text())
+    rows = found["scaling"]["rows"]
+    assert [r["n_layers"] for r in rows] == [2, 3, 4, 2]
+    assert rows[0]["n_params"] < rows[1]["n_params"] < rows[2]["n_params"]
+    assert all(len(r["depth_profile"]["share"]) == r["n_layers"] for r in rows)
+    assert all("critical_weights" in r for r in rows)
+    assert any(line.startswith("Scaling") for line in found["summary"])
+    assert (tmp_path / "out" / "figures" / "depth_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "figures" / "scaling.png").is_file()
+    figure = page.depth_profile(found)
+    assert len(figure.axes[0].get_lines()) == 4  # one line per model, in one panel
+
+    dense, moe = found["architecture"]["rows"][0], found["architecture"]["rows"][3]
+    assert dense["architecture"] == "dense" and dense["expert_share"] == 0
+    assert moe["architecture"] == "moe"
+    cell = tmp_path / "out" / found["cells"][3]["folder"]
+    load = json.loads((cell / "sensitivity_stats.json").read_text())["router_load"]["per_layer"]
+    with open(cell / "top_weights.csv", newline="") as f:
+        top = list(csv.DictReader(f))
+    masses, tokens = [], []
+    for layer in range(2):
+        for expert, count in enumerate(load[f"layers.{layer}"]):
+            masses.append(sum(float(r["score"]) for r in top
+                              if r["layer"] == str(layer) and r["expert"] == str(expert)))
+            tokens.append(count)
+    assert moe["n_experts_total"] == 8
+    assert moe["expert_gini"] == pytest.approx(hand_gini(masses))
+    assert moe["spearman_mass_vs_router_load"] == pytest.approx(
+        stats.spearmanr(masses, tokens).statistic)
+    in_experts = sum(float(r["score"]) for r in top if r["expert"])
+    assert moe["expert_share"] == pytest.approx(in_experts / sum(float(r["score"]) for r in top))
