@@ -76,6 +76,20 @@ def hand_spearman(a: dict, b: dict) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
+def test_union_spearman_and_gini_against_hand_computations():
+    from esa_core.study.answer import gini, union_spearman
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = [("p", "", str(i), "0") for i in range(30)]
+        a = {ids[i]: float(rng.integers(0, 5)) for i in rng.permutation(30)[:12]}
+        b = {ids[i]: float(rng.integers(0, 5)) for i in rng.permutation(30)[:12]}
+        assert union_spearman(a, b) == pytest.approx(hand_spearman(a, b), abs=1e-12)
+        x = rng.exponential(size=int(rng.integers(1, 9))).tolist() + [0.0] * (trial % 3)
+        assert gini(x) == pytest.approx(hand_gini(x), abs=1e-12)
+    assert gini([0.0, 0.0, 5.0]) == pytest.approx(2 / 3) and gini([1.0, 1.0]) == 0.0
+
+
 @pytest.fixture(scope="module")
 def grid_study(tiny_llama_dir, text_file, tmp_path_factory):
     """3 metrics x 2 datasets on one tiny model, in this process (counting model loads)."""

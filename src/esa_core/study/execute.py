@@ -91,6 +91,7 @@ def run_study(study: Study, folder: Path, *, executor: str = LOCAL, jobs: int = 
     from esa_core.study import answer, page
 
     registry = registry or default_registry()
+    folder = Path(folder).absolute()  # worker processes and array tasks may start elsewhere
     if executor not in EXECUTORS:
         raise unknown_choice("executor", executor, EXECUTORS)
     if jobs < 1:
