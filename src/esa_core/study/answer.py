@@ -256,9 +256,11 @@ def summary(found: dict[str, Any]) -> list[str]:
     for group in found["domains"].get("groups", []):
         jac = group["jaccard"]
         pairs = [jac[i][j] for i in range(len(jac)) for j in range(i + 1, len(jac))]
+        spread = (f"{min(pairs):.2f}" if min(pairs) == max(pairs) else
+                  f"{min(pairs):.2f}-{max(pairs):.2f}")
         lines.append(f"Domains{_where(group['fixed'])}: the top-k sets of "
-                     f"{' and '.join(group['datasets'])} overlap by Jaccard "
-                     f"{min(pairs):.2f}-{max(pairs):.2f}; {group['domain_general']} weights are "
+                     f"{' and '.join(group['datasets'])} overlap by Jaccard {spread}; "
+                     f"{group['domain_general']} weights are "
                      f"in every domain's top-k, "
                      + ", ".join(f"{n} only in {d}" for d, n in group["only_in_one"].items())
                      + "." + _critical_line(group))

@@ -53,7 +53,9 @@ def refuse_changed(cells: list[Cell], folder: Path, study_file: Path) -> None:
 
 
 def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    """One progress line, written whole: worker processes share the study's stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def run_cell(cell: Cell, folder: Path, count: int, overwrite: bool = False,
