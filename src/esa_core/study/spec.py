@@ -18,13 +18,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from esa_core.config import RunConfig, parse_list
+from esa_core.config import RunConfig
 from esa_core.errors import EsaError
 from esa_core.plugins import Registry
 
 STUDY_KEYS = ("name", "run", "grid")
-#: RunConfig fields the study itself decides, per cell (folder, and how to treat what is there)
-STUDY_DECIDES = ("out_dir", "overwrite", "resume", "verbose")
+#: RunConfig fields the study itself decides, per cell (folder, what to do with what is there,
+#: how much to print)
+STUDY_DECIDES = ("out_dir", "overwrite", "resume", "verbose", "quiet")
 #: `model = "embedded"` is the default model (`esa run` without --model)
 EMBEDDED = "embedded"
 CELLS = "cells"
@@ -137,15 +138,13 @@ def _type_name(hint: Any) -> str:
 
 
 def _settings(values: dict[str, Any]) -> dict[str, Any]:
-    """TOML values as RunConfig keywords, spelt as `esa run` would pass them."""
-    hints = typing.get_type_hints(RunConfig)
+    """TOML values as RunConfig keywords; the declarations' own parsing (RunConfig.validate)
+    then reads them as it reads `esa run`'s (comma-separated lists, seeds)."""
     out = {}
     for key, value in values.items():
         if key == "model" and value == EMBEDDED:
             value = None
-        elif typing.get_origin(hints[key]) is list and isinstance(value, str) and key != "seeds":
-            value = parse_list(value)
-        elif isinstance(value, dict):  # --metric-arg / --perturb-arg: text, as on the command line
+        elif isinstance(value, dict):  # plugin options key=value: text, as on the command line
             value = {k: str(v).lower() if isinstance(v, bool) else str(v)
                      for k, v in value.items()}
         out[key] = value
