@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The extras the tests exercise, added by --test (one list: extend it here).
-TEST_EXTRAS="test,tasks"
+TEST_EXTRAS="test,tasks,cluster"
 case "${1:-}" in
   "") EXTRAS="" ;;
   --test) EXTRAS="[$TEST_EXTRAS]" ;;

@@ -15,6 +15,19 @@ def test_bundled_wikitext_calibrates_on_valid_and_evaluates_on_test():
     assert texts.evaluation.startswith(" \n = Robert <unk> = ")  # first article of test
 
 
+def test_code_is_the_standard_librarys_source_with_its_licence():
+    import sysconfig
+    from pathlib import Path
+
+    texts = data.read_texts("code")
+    first = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[0]
+    assert texts.calibration.startswith(first.read_text(encoding="utf-8"))  # read at run time
+    assert texts.evaluation is None and len(texts.calibration) <= data.CODE_BYTES
+    assert "def " in texts.calibration and "PSF" in texts.licence
+    tokens = data.tokenize(texts, tiny.tokenizer(), seq_len=64, eval_samples=4)
+    assert "PSF" in tokens.manifest()["licence"] and len(tokens.eval_blocks) == 4
+
+
 def test_single_text_is_split_into_disjoint_blocks(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(tiny.wikitext_sample(40_000))

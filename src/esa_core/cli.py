@@ -1,4 +1,5 @@
-"""The `esa` command line: `esa run`, `esa compare`, `esa report`, `esa list-plugins`.
+"""The `esa` command line: `esa run`, `esa study`, `esa compare`, `esa report`,
+`esa list-plugins`.
 
 Flags of `esa run` match the original guide.
 """
@@ -187,6 +188,50 @@ def compare_command(
     typer.echo(matrix_text(result))
     typer.echo(table(result["success_criteria"]))
     typer.echo(f"Comparison written to {out}")
+
+
+@app.command("study")
+def study_command(
+    study_file: Path = typer.Argument(..., help="The study: name, [run] options shared by every "
+                                      "cell, [grid] lists whose product is the cells."),
+    out: Path | None = typer.Option(None, help="Study folder (cells/, study.json, study.html). "
+                                    "Default: outputs/esa/studies/<name>."),
+    executor: str = typer.Option("local", help="local: cells on this machine; slurm: one "
+                                 "Slurm array job through submitit (esa-toolkit[cluster])."),
+    jobs: int = typer.Option(1, help="local: run N cells at once, each in its own process."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Run again the complete cells "
+                                   "whose settings the study file changed."),
+    slurm_partition: str | None = typer.Option(None, help="slurm: the partition."),
+    slurm_gpus_per_node: int | None = typer.Option(None, help="slurm: GPUs per array task."),
+    slurm_time: int | None = typer.Option(None, help="slurm: time limit per task, minutes."),
+    slurm_array_parallelism: int | None = typer.Option(
+        None, help="slurm: at most N array tasks at once."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each cell's progress."),
+) -> None:
+    """Run a grid of analyses (models x metrics x datasets ...) and compare them: study.html."""
+    _setup_logging(verbose)
+    from esa_core.guards import terminate_as_interrupt
+    from esa_core.plugins import registry
+    from esa_core.study import execute, spec
+
+    try:
+        with _guard(verbose), terminate_as_interrupt():
+            plugins = registry()
+            study = spec.load(study_file, plugins)
+            folder = out or Path("outputs") / "esa" / "studies" / study.name
+            slurm = {"partition": slurm_partition, "gpus_per_node": slurm_gpus_per_node,
+                     "time_min": slurm_time, "array_parallelism": slurm_array_parallelism}
+            found = execute.run_study(study, folder, executor=executor, jobs=jobs,
+                                      overwrite=overwrite, verbose=verbose, slurm=slurm,
+                                      registry=plugins)
+    except KeyboardInterrupt as exc:
+        typer.echo("Interrupted: run the same command again; complete cells are kept and the "
+                   "interrupted ones resume.", err=True)
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
+    for line in found["summary"]:
+        typer.echo(line)
+    typer.echo(f"Study written to {folder / execute.STUDY_JSON}; the page is "
+               f"{folder / 'study.html'}")
 
 
 @app.command("list-plugins")

@@ -241,8 +241,9 @@ class RunConfig:
                                  written=LIST, choices=CONTROLS, what="control")
     control_repeats: int = option("Extra random_k draws for the significance test (p-value "
                                   "resolution 1/(seeds+N+1)).", 0, low=0)
-    dataset: str = option("wikitext2 (bundled), a .txt file, a folder of .txt files, or a "
-                          "Hugging Face dataset name.", "wikitext2")
+    dataset: str = option("wikitext2 (bundled), code (the Python standard library's source, "
+                          "offline), a .txt file, a folder of .txt files, or a Hugging Face "
+                          "dataset name.", "wikitext2")
     seq_len: int | None = option("Tokens per block.", cpu=128, gpu=512, low=2)
     batch_size: int | None = option("Blocks per forward/backward pass.", cpu=1, gpu=4, low=1)
     device: str = option("auto, cpu, cuda or cuda:N.", "auto", choices=("auto", "cpu", "cuda"),

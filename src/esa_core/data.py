@@ -1,13 +1,16 @@
 """Text -> token blocks -> a calibration pool and held-out evaluation blocks that never overlap.
 
 WikiText-2 (bundled): calibration blocks come from its valid split, evaluation blocks from its
-test split. A local text file or folder: one deterministic split of its blocks (the last tenth is
-held out). A Hugging Face dataset name: its first text split, split the same way.
+test split. `code` (offline too): the Python standard library's own source files, read at run
+time from the running interpreter, split by blocks like a local file. A local text file or
+folder: one deterministic split of its blocks (the last tenth is held out). A Hugging Face
+dataset name: its first text split, split the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sysconfig
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +21,10 @@ from esa_core.errors import EsaError
 from esa_core.indices import evenly_spaced
 
 BUNDLED = "wikitext2"
+WIKITEXT_LICENCE = "CC BY-SA 3.0 (WikiText-2, Merity et al. 2016, from Wikipedia)"
+CODE = "code"
+CODE_LICENCE = "PSF-2.0 (Python Software Foundation License: the Python standard library)"
+CODE_BYTES = 1_000_000  # whole files, in name order, up to this: about 250k tokens
 HELD_OUT_FRACTION = 10  # one block in ten (the last tenth) of a single text is held out
 CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\r\f\v")
 MAX_CONTROL_SHARE = 0.1  # text has almost none; binary data that decodes as UTF-8 has many
@@ -31,6 +38,7 @@ class Texts:
     calibration: str
     evaluation: str | None  # None: split the calibration text's blocks
     sha256: str
+    licence: str | None = None  # where ESA knows it (the offline datasets)
 
 
 @dataclass
@@ -43,6 +51,7 @@ class TokenData:
     calibration_pool: torch.Tensor
     eval_blocks: torch.Tensor
     draws: dict[int, list[int]] = field(default_factory=dict)
+    licence: str | None = None
 
     def draw(self, seed: int, count: int) -> torch.Tensor:
         """`count` calibration blocks for `seed`: different seeds draw different blocks."""
@@ -65,6 +74,7 @@ class TokenData:
             "seq_len": self.seq_len,
             "n_calibration_pool": len(self.calibration_pool),
             "n_eval": len(self.eval_blocks),
+            **({"licence": self.licence} if self.licence else {}),
         }
 
 
@@ -76,13 +86,16 @@ def _sha256(*parts: str) -> str:
 
 
 def read_texts(dataset: str) -> Texts:
-    """Read the text named by --dataset: `wikitext2`, a .txt file, a folder, or a hub dataset."""
+    """Read the text named by --dataset: `wikitext2`, `code`, a .txt file, a folder, or a hub
+    dataset."""
     if dataset == BUNDLED:
         folder = resources.files("esa_core") / "assets" / "wikitext-2"
         valid = (folder / "valid.txt").read_text(encoding="utf-8")
         test = (folder / "test.txt").read_text(encoding="utf-8")
         return Texts("wikitext2 (bundled: valid -> calibration, test -> evaluation)", valid,
-                     test, _sha256(valid, test))
+                     test, _sha256(valid, test), WIKITEXT_LICENCE)
+    if dataset == CODE:
+        return code_texts()
     path = Path(dataset).expanduser()
     if path.is_file():
         text = read_text_file(path)
@@ -96,6 +109,26 @@ def read_texts(dataset: str) -> Texts:
     if dataset.startswith((".", "/", "~")) or dataset.endswith(".txt"):
         raise EsaError(f"--dataset path not found: {dataset}")
     return _hub_texts(dataset)
+
+
+def code_texts() -> Texts:
+    """Python source: the standard library's top-level modules of the running interpreter, whole
+    files in name order up to CODE_BYTES. Its sha256 in the manifest tells one Python's library
+    from another's."""
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if size + len(text) > CODE_BYTES and parts:
+            break
+        parts.append(text)
+        size += len(text)
+    if not parts:
+        raise EsaError(f"--dataset code: no Python source files in {folder} (a Python installed "
+                       "without its .py files?). Pass a folder of .txt files instead.")
+    text = "\n\n".join(parts)
+    return Texts(f"code (Python {sysconfig.get_python_version()} standard library, "
+                 f"{len(parts)} files from {folder})", text, None, _sha256(text), CODE_LICENCE)
 
 
 def read_text_file(path: Path) -> str:
@@ -157,4 +190,5 @@ def tokenize(texts: Texts, tokenizer, seq_len: int, eval_samples: int) -> TokenD
     if eval_samples > 0 and eval_samples < len(evaluation):
         # evenly spaced over the held-out text: every run evaluates on the same blocks
         evaluation = evaluation[evenly_spaced(len(evaluation), eval_samples)]
-    return TokenData(texts.source, texts.sha256, seq_len, calibration, evaluation)
+    return TokenData(texts.source, texts.sha256, seq_len, calibration, evaluation,
+                     licence=texts.licence)

@@ -14,6 +14,8 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +198,28 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+_kept: dict[tuple, tuple] | None = None  # None: every load reads the files
+
+
+@contextmanager
+def keep_loaded() -> Iterator[None]:
+    """Within the block, a model loaded again with the same settings is the one already in memory
+    (a study's cells of one model, run in one process). That is safe because every stage that
+    changes weights restores them bit-exactly; only the latest model is kept."""
+    global _kept
+    before, _kept = _kept, {}
+    try:
+        yield
+    finally:
+        _kept = before
+
+
+def forget_loaded() -> None:
+    """Drop the kept model: after a failed run its weights may not have been restored."""
+    if _kept is not None:
+        _kept.clear()
+
+
 def load_pretrained(
     source: ModelSource,
     dtype: torch.dtype,
@@ -204,6 +228,18 @@ def load_pretrained(
     device_map: str | None = None,
 ):
     """Model (eval mode, on `device`, in `dtype`) and tokenizer, the way transformers loads them."""
+    key = (source, str(dtype), str(device), trust_remote_code, device_map)
+    if _kept is not None and key in _kept:
+        return _kept[key]
+    loaded = _read_pretrained(source, dtype, device, trust_remote_code, device_map)
+    if _kept is not None:
+        _kept.clear()  # one model at a time in memory
+        _kept[key] = loaded
+    return loaded
+
+
+def _read_pretrained(source: ModelSource, dtype: torch.dtype, device: torch.device,
+                     trust_remote_code: bool, device_map: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()

@@ -143,6 +143,11 @@ def _criteria(run: RunFiles) -> str:
     if not rows:
         return ("<h2>Success criteria</h2><p class='note'>No success criteria in this result "
                 "folder (they come with --stability-check and --perturb ... --controls).</p>")
+    return f"<h2>Success criteria</h2>{criteria_table(rows)}"
+
+
+def criteria_table(rows: list[dict[str, Any]]) -> str:
+    """Criterion rows (criteria.check's shape) as a table, the verdict coloured."""
     body = []
     for r in rows:
         verdict = str(r.get("verdict"))
@@ -152,7 +157,7 @@ def _criteria(run: RunFiles) -> str:
                     + _cell(r.get("note")) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("criterion", "value", "threshold", "verdict",
                                              "note"))
-    return f"<h2>Success criteria</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _results(run: RunFiles) -> str:
