@@ -48,7 +48,8 @@ def test_a_step_records_the_peak_of_memory_it_freed_again(monkeypatch):
     with gpu_guide_8b.Step("cpu") as step:
         held = torch.ones(size, dtype=torch.uint8)
         del held
-    assert step.peak - step.memory.base >= size
+    # what is left would be ~0; the kernel may drop a few file-backed pages of the base meanwhile
+    assert step.peak - step.memory.base >= size - 16 * 2**20
     assert step.pinned == 0
 
 
