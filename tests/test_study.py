@@ -370,3 +370,29 @@ def test_scaling_study_of_three_sizes_and_a_mixtral(tmp_path, text_file):
         stats.spearmanr(masses, tokens).statistic)
     in_experts = sum(float(r["score"]) for r in top if r["expert"])
     assert moe["expert_share"] == pytest.approx(in_experts / sum(float(r["score"]) for r in top))
+
+
+def test_a_metrics_findings_reach_the_study_without_the_core_naming_the_metric():
+    """A findings table in a cell's sensitivity_stats.json (any metric's) is carried to the
+    scaling row with its marked rows only, each with layer / n_layers, and drawn on the page."""
+    from types import SimpleNamespace
+
+    from esa_core.study import answer, page
+
+    table = {"title": "Steepest weights", "note": "", "mark": "agrees", "facts": {},
+             "columns": [{"name": c, "help": ""} for c in ("param", "layer", "value", "agrees")],
+             "rows": [{"param": "a", "layer": 1, "value": 2.5, "agrees": True},
+                      {"param": "b", "layer": 3, "value": 9.0, "agrees": False},
+                      {"param": "c", "layer": None, "value": 1.0, "agrees": True}]}
+    stats = {"global": {}, "per_layer": {"x": {"layer": 0}, "y": {"layer": 3}},
+             "findings": {"steepest": table}}
+    run = SimpleNamespace(stats=stats, top=[], manifest={}, config={"metric": "abs_grad"})
+    row = answer._scaling_row({}, run)
+    assert row["findings"] == {"steepest": {
+        "title": "Steepest weights", "columns": ["param", "layer", "value"],
+        "rows": [{"param": "a", "layer": 1, "value": 2.5, "depth": 0.25},
+                 {"param": "c", "layer": None, "value": 1.0, "depth": None}]}}
+    html = page._scaling({"rows": [{**row, "model": "m", "n_params": 1, "metric": "abs_grad",
+                                    "dataset": "d", "hill_tail_index": None,
+                                    "excess_kurtosis": None}]}, {})
+    assert "<h3>Steepest weights</h3>" in html and "0.25" in html and ">b<" not in html

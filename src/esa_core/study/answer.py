@@ -196,14 +196,23 @@ def _scaling_row(values: dict[str, Any], run: RunFiles) -> dict[str, Any]:
             "count": len(critical),
             "depth": [None if n_layers is None or layer_of.get(w) is None
                       else layer_of[w] / n_layers for w in critical]}
-    detection = (run.stats or {}).get("super_weight_detection")
-    if detection:
-        row["super_weight_detection"] = [
-            {**{k: d[k] for k in ("param", "layer", "expert", "row", "col", "output_max",
-                                  "input_max")},
-             "depth": None if n_layers is None or d["layer"] is None else d["layer"] / n_layers}
-            for d in detection["layers"] if d["passes"]]
+    tables = {name: _marked(table, n_layers)
+              for name, table in ((run.stats or {}).get("findings") or {}).items()}
+    if tables:
+        row["findings"] = tables
     return row
+
+
+def _marked(table: dict[str, Any], n_layers: int | None) -> dict[str, Any]:
+    """A metric's findings table as the study shows it: its marked rows (every row when it
+    marks none), each with its normalised depth where the row names a layer."""
+    mark = table.get("mark")
+    columns = [c["name"] for c in table["columns"] if c["name"] != mark]
+    rows = [r for r in table["rows"] if mark is None or r[mark]]
+    return {"title": table["title"], "columns": columns,
+            "rows": [{**{c: r[c] for c in columns},
+                      "depth": None if n_layers is None or r.get("layer") is None
+                      else r["layer"] / n_layers} for r in rows]}
 
 
 def gini(values: list[float]) -> float | None:

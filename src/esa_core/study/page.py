@@ -214,16 +214,20 @@ def _scaling(section: dict[str, Any], pngs: dict[str, bytes]) -> str:
         [[r["model"], r["n_params"], r["metric"], r["dataset"], r["hill_tail_index"],
           r["excess_kurtosis"], (r.get("critical_weights") or {}).get("count"),
           *(r["component_share"].get(c) for c in components)] for r in rows])
-    detected = [[r["model"], r["metric"], r["dataset"], d["param"], d["row"], d["col"],
-                 d["depth"], d["output_max"], d["input_max"]]
-                for r in rows for d in r.get("super_weight_detection", [])]
+    tables: dict[str, dict[str, Any]] = {}  # each metric's findings, as the metric declared them
+    for r in rows:
+        for name, t in (r.get("findings") or {}).items():
+            entry = tables.setdefault(name, {"title": t["title"], "columns": t["columns"],
+                                             "rows": []})
+            entry["rows"] += [[r["model"], r["metric"], r["dataset"],
+                               *(d.get(c) for c in t["columns"]), d["depth"]] for d in t["rows"]]
     return "\n".join([
         "<h2>Scaling</h2>", table,
         "<p class='note'>Component columns: share of the top-k score mass.</p>",
         _figure("depth_profile.png", pngs), _figure("scaling.png", pngs),
-        "" if not detected else "<h3>Super weights detected (Yu et al.'s rule)</h3>" + _table(
-            ["model", "metric", "dataset", "param", "row", "col", "depth", "|output|",
-             "|input|"], detected)])
+        *(f"<h3>{escape(t['title'])}</h3>" + _table(
+            ["model", "metric", "dataset", *t["columns"], "depth"], t["rows"])
+          for t in tables.values() if t["rows"])])
 
 
 def _architecture(section: dict[str, Any]) -> str:
